@@ -1,0 +1,129 @@
+"""Build megatron-core's GPTModel from our ModelConfig."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel as MegatronGPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from stability.config import Config, ModelConfig, ffn_hidden_size
+from stability.model.layers import block_spec, build_norm, layer_spec
+
+
+def padded_vocab_size(vocab_size: int, model: ModelConfig, tensor_parallel: int) -> int:
+    """Megatron's vocabulary padding: a multiple of divisible_by * TP, for even shards."""
+    multiple = model.vocab_size_divisible_by * tensor_parallel
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32,
+                       bf16: bool = False) -> TransformerConfig:
+    """megatron-core's TransformerConfig for our model and parallel settings."""
+    m, p = cfg.model, cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups or m.num_attention_heads,
+        ffn_hidden_size=ffn_hidden_size(m),
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        layernorm_epsilon=m.norm_eps,
+        normalization="RMSNorm" if m.norm_type == "rmsnorm" else "LayerNorm",
+        add_bias_linear=m.bias,
+        add_qkv_bias=m.bias,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        init_method_std=m.init_std,
+        embedding_init_method_std=m.embedding_init_std,
+        output_layer_init_method=(None if m.scaled_init_output_layers
+                                  else init_method_normal(m.init_std)),
+        qk_layernorm=m.qk_layernorm,
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        pipeline_dtype=params_dtype,
+        params_dtype=params_dtype,
+        bf16=bf16,
+        # Initialise the full matrices on CPU and then shard them: a TP=2 model starts from
+        # exactly the weights of the TP=1 model (parity tests), whatever the device.
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        # Fusions need CUDA kernels (and apex); the GPU path turns the available ones back on.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+
+
+def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
+    """megatron's boolean attention mask [1, 1, s, s], True where attention is not allowed.
+
+    Passed explicitly: megatron's default mask is built on "cuda". SDPA ignores it (is_causal).
+    """
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device),
+                      diagonal=1)[None, None]
+
+
+class GPTModel(MegatronGPTModel):
+    """megatron-core's GPTModel plus the embedding knobs megatron lacks.
+
+    ``scaled_embedding`` multiplies the embedding output by sqrt(d) (Takase et al. 2023, "Spike
+    No More"); ``embedding_layernorm`` normalises it. Both act through a forward hook on the
+    embedding, so the model's parameters and state-dict keys stay megatron's.
+    """
+
+    def __init__(self, *args, scaled_embedding: bool = False, embedding_layernorm: bool = False,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.embedding_scale = math.sqrt(self.config.hidden_size) if scaled_embedding else 1.0
+        self.embedding_norm = build_norm(self.config) if (embedding_layernorm and
+                                                          self.pre_process) else None
+        if self.pre_process and (scaled_embedding or embedding_layernorm):
+            self.embedding.register_forward_hook(self._after_embedding)
+
+    def _after_embedding(self, module, args, output):
+        if self.embedding_scale != 1.0:
+            output = output * self.embedding_scale
+        if self.embedding_norm is not None:
+            output = self.embedding_norm(output)
+        return output
+
+
+def build_model(cfg: Config, vocab_size: int, *, params_dtype: torch.dtype = torch.float32,
+                bf16: bool = False, vp_stage: int | None = None) -> GPTModel:
+    """The model chunk of this rank (its pipeline stage and tensor shard)."""
+    m = cfg.model
+    config = transformer_config(cfg, params_dtype=params_dtype, bf16=bf16)
+    layer = layer_spec(config, m.norm_position, m.qk_layernorm, m.attention_backend)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(layer, num_layers, m.norm_position),
+        vocab_size=padded_vocab_size(vocab_size, m, cfg.parallel.tensor),
+        max_sequence_length=cfg.data.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope" if m.position_embedding == "rope" else "learned_absolute",
+        rotary_base=m.rotary_base,
+        vp_stage=vp_stage,
+        scaled_embedding=m.scaled_embedding,
+        embedding_layernorm=m.embedding_layernorm,
+    )

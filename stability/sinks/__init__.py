@@ -1,0 +1,1 @@
+"""Where metrics and events go: files in the run directory, the console, W&B."""
