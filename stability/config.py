@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -216,6 +217,20 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="stability_schema", node=Config)
     if not OmegaConf.has_resolver("steps_fraction"):
         OmegaConf.register_new_resolver("steps_fraction", steps_fraction)
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose(*overrides: str) -> Config:
+    """The typed config that ``python -m stability.train OVERRIDES`` would run (no Hydra run)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        node = hydra_compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(node)
 
 
 def ffn_hidden_size(model: ModelConfig) -> int:

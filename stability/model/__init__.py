@@ -1,4 +1,4 @@
-"""megatron-core GPTModel built from ModelConfig, with our submodules where megatron lacks a knob."""
+"""megatron-core GPTModel from ModelConfig, with our submodules where megatron lacks a knob."""
 
 from stability.model.build import build_model, causal_mask, transformer_config
 

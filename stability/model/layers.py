@@ -110,7 +110,8 @@ def layer_spec(config: TransformerConfig, norm_position: str, qk_layernorm: bool
     )
 
 
-def block_spec(layer: ModuleSpec, num_layers: int, norm_position: str) -> TransformerBlockSubmodules:
+def block_spec(layer: ModuleSpec, num_layers: int,
+               norm_position: str) -> TransformerBlockSubmodules:
     """The decoder block: ``num_layers`` copies of ``layer`` and the final norm (none for post)."""
     final_norm = None if norm_position == "post" else WrappedTorchNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)

@@ -11,8 +11,7 @@ from helpers import make_config
 
 from stability import cpu
 from stability.loss import vocab_parallel_loss
-from stability.model import build_model
-from stability.model import causal_mask
+from stability.model import build_model, causal_mask
 
 VOCAB = 1000
 SEQ = 32

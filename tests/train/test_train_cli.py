@@ -1,0 +1,96 @@
+"""The training command end to end: the contract's files, the recipe's values, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO
+
+from stability.checkpoint import complete_checkpoints
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "stability.train", *overrides, "trainer.threads=1",
+            f"hydra.run.dir={run_dir}"]
+
+
+def run_ok(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(run_dir, *overrides), cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+RECIPE_VALUES = {
+    "gpt": {"model.norm_type": "layernorm", "model.scaled_embedding": False,
+            "loss.z_loss": 0.0, "optim.lr": 6e-5, "optim.min_lr": 1e-6, "optim.eps": 1e-8,
+            "model.init_std": 0.005, "model.position_embedding": "learned",
+            "model.activation": "gelu", "model.bias": True},
+    "llama2": {"model.norm_type": "rmsnorm", "model.scaled_embedding": True,
+               "loss.z_loss": 1e-4, "optim.lr": 1e-4, "optim.min_lr": 1e-5, "optim.eps": 1e-5,
+               "model.init_std": 0.02, "model.position_embedding": "rope",
+               "model.activation": "swiglu", "model.bias": False},
+}
+
+
+@pytest.mark.parametrize("recipe", ["gpt", "llama2"])
+def test_train_writes_the_contract_files(tmp_path, recipe):
+    run_dir = tmp_path / recipe
+    proc = run_ok(run_dir, f"recipe={recipe}", "size=tiny", "trainer.train_steps=40")
+    assert "step     40/40" in proc.stdout  # the console progress line
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["recipe"] == recipe and config["size"] == "tiny"
+    for dotted, expected in RECIPE_VALUES[recipe].items():
+        section, key = dotted.split(".")
+        assert config[section][key] == expected, dotted
+    assert config["optim"]["warmup_steps"] == 4  # 10% of the run at CPU scale
+
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("step", "loss", "grad_norm", "lr", "tokens", "time"):
+        assert all(key in r for r in rows), key
+    assert rows[-1]["tokens"] == 40 * 8 * 128
+    assert rows[3]["lr"] == pytest.approx(config["optim"]["lr"])  # warmup peak at step 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert summary["final_loss"] == pytest.approx(rows[-1]["loss"])
+    assert complete_checkpoints(run_dir / "checkpoints")
+
+
+def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
+    overrides = ["recipe=llama2", "size=tiny", "trainer.train_steps=30", "optim.lr=3e-3",
+                 "checkpoint.interval=10", "logger.console=false"]
+    run_ok(tmp_path / "ref", *overrides)
+    reference = metrics(tmp_path / "ref")
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(command(run_dir, *overrides), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it between the checkpoint at 10 and the one at 20
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(path.read_text().splitlines()) >= 15:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+    assert len(metrics(run_dir)) < 30
+
+    run_ok(run_dir, *overrides)  # the same command again resumes
+    resumed = metrics(run_dir)
+    assert [r["step"] for r in resumed] == list(range(1, 31))  # every step once
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in reference]
