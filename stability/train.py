@@ -68,6 +68,7 @@ class Trainer:
 
         self.step = 0
         self.tokens = 0
+        self.elapsed = 0.0  # training seconds, carried over resumes
         self.status = "running"
         self.stop_requested = False
         self._pending: list[dict[str, Any]] = []
@@ -97,7 +98,6 @@ class Trainer:
             load_latest(self, self.run_dir / "checkpoints")
         self.checkpointer.last_saved = self.step if self.step else None
         self._call("on_train_start")
-        self._wall_start = time.perf_counter()
         try:
             while self.step < self.cfg.trainer.train_steps and not self.stop_requested:
                 self.train_step()
@@ -123,7 +123,9 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         self.tokens += self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
-        self._record(stats, norm, time.perf_counter() - start)
+        step_time = time.perf_counter() - start
+        self.elapsed += step_time
+        self._record(stats, norm, step_time)
         self._call("on_step_end")
         if self.step % self.cfg.trainer.log_interval == 0:
             self.flush_metrics()
@@ -154,7 +156,7 @@ class Trainer:
         tokens_step = self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
         self._pending.append({
             "step": self.step, "tensors": values, "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens": self.tokens, "time": time.perf_counter() - self._wall_start,
+            "tokens": self.tokens, "time": self.elapsed,
             "step_time": step_time, "tokens_per_s": tokens_step / max(step_time, 1e-9),
         })
 
@@ -187,6 +189,7 @@ class Trainer:
         return {
             "step": self.step,
             "tokens": self.tokens,
+            "elapsed": self.elapsed,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -198,6 +201,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.tokens = state["tokens"]
+        self.elapsed = state["elapsed"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
