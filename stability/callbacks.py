@@ -7,6 +7,7 @@ Hooks, in the order the loop calls them::
     before_optimizer_step(trainer)          gradients are final (reduced and clipped)
     on_step_end(trainer)                    the optimizer stepped; trainer.step is the new count
     on_metrics(trainer, rows)               a batch of metric rows moved to the host
+    on_events(trainer, events)              detector events (events.jsonl rows), with actions
     on_close(trainer, status)               once, at the end (completed | stopped | diverged)
 
 Device-side decisions (skip a step) happen in ``before_optimizer_step`` without host syncs;
@@ -42,6 +43,9 @@ class Callback:
 
     def on_metrics(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
         """Metric rows (one per logged step, host floats) since the last flush."""
+
+    def on_events(self, trainer: Trainer, events: list[dict[str, Any]]) -> None:
+        """Detector events, one dict per events.jsonl row (``action`` filled in)."""
 
     def on_close(self, trainer: Trainer, status: str) -> None:
         """The run ends with ``status``; write what must be written."""
