@@ -1,0 +1,111 @@
+"""Spread of a metric over seeds: mean and a bootstrap confidence interval.
+
+A claim holds only if it holds across seeds (DESIGN.md), so every metric is reported as
+``mean [lo, hi] (n seeds)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+Values = Sequence[float] | np.ndarray | pd.Series
+
+
+@dataclass(frozen=True)
+class SeedStat:
+    """A metric over seeds: mean, bootstrap CI ``[lo, hi]`` and the number of seeds ``n``."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+
+def seed_ci(
+    values: Values,
+    *,
+    confidence: float = 0.95,
+    method: str = "BCa",
+    n_resamples: int = 9999,
+    seed: int = 0,
+    log: bool = False,
+) -> SeedStat:
+    """Mean over seeds with a bootstrap confidence interval (``scipy.stats.bootstrap``).
+
+    Non-finite values are dropped (``n`` counts the rest). n=0 gives all NaN; n=1 gives the
+    value with ``lo = hi = NaN`` (no interval from one seed); identical values give a zero-width
+    interval. If BCa cannot be computed (tiny or degenerate samples) the percentile interval
+    is used.
+
+    Args:
+        values: One value per seed.
+        confidence: Confidence level of the interval.
+        method: ``"BCa"``, ``"percentile"`` or ``"basic"``.
+        n_resamples: Bootstrap resamples.
+        seed: Seed of the resampling, so numbers are reproducible.
+        log: Work on ``log10`` of the (positive) values: geometric mean and CI, for LRs.
+    """
+    a = np.asarray(values, dtype=float)
+    a = a[np.isfinite(a)]
+    if log:
+        a = np.log10(a[a > 0])
+    n = int(a.size)
+    if n == 0:
+        return SeedStat(math.nan, math.nan, math.nan, 0)
+    mean = float(a.mean())
+    if n == 1:
+        lo = hi = math.nan
+    elif np.all(a == a[0]):
+        lo = hi = mean
+    else:
+        lo, hi = _bootstrap(a, confidence, method, n_resamples, seed)
+        if not (np.isfinite(lo) and np.isfinite(hi)) and method != "percentile":
+            lo, hi = _bootstrap(a, confidence, "percentile", n_resamples, seed)
+    if log:
+        mean, lo, hi = (10.0**x for x in (mean, lo, hi))
+    return SeedStat(mean, float(lo), float(hi), n)
+
+
+def _bootstrap(
+    a: np.ndarray, confidence: float, method: str, n_resamples: int, seed: int
+) -> tuple[float, float]:
+    from scipy import stats  # lazily: scipy.stats takes seconds to import
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap(
+            (a,),
+            np.mean,
+            confidence_level=confidence,
+            method=method,
+            n_resamples=n_resamples,
+            rng=seed,
+        )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def over_seeds(
+    table: pd.DataFrame, value: str, by: Sequence[str] = (), **ci: object
+) -> pd.DataFrame:
+    """Aggregate one column over seeds: a row per group of ``by`` with mean, lo, hi, n.
+
+    Args:
+        table: One row per seed (per run, or per seed of a grid from
+            :func:`analysis.metrics.grid_per_seed`).
+        value: Column to aggregate.
+        by: Columns that define a group (e.g. ``["recipe", "optim.lr"]``); empty: one group.
+        **ci: Passed to :func:`seed_ci` (``confidence``, ``method``, ``log``, ...).
+    """
+    by = list(by)
+    groups = table.groupby(by, dropna=False, sort=True) if by else [((), table)]
+    rows = []
+    for key, group in groups:
+        stat = seed_ci(group[value], **ci)  # type: ignore[arg-type]
+        rows.append({**dict(zip(by, key, strict=True)), **stat.__dict__})
+    return pd.DataFrame(rows, columns=[*by, "mean", "lo", "hi", "n"])
