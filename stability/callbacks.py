@@ -2,7 +2,9 @@
 
 Hooks, in the order the loop calls them::
 
-    on_train_start(trainer)                 once, after resume
+    on_train_start(trainer)                 once, before any checkpoint is loaded
+    on_restore(trainer, reason)             state was loaded ("resume" or "rollback"), or a
+                                            fresh start found none ("resume", step 0)
     on_step_start(trainer)                  before the forward passes of a step
     before_optimizer_step(trainer)          gradients are final (reduced and clipped)
     on_step_end(trainer)                    the optimizer stepped; trainer.step is the new count
@@ -30,7 +32,10 @@ class Callback:
     """Key of this callback's state in checkpoints."""
 
     def on_train_start(self, trainer: Trainer) -> None:
-        """After model, optimizer and data exist and a checkpoint (if any) was loaded."""
+        """Model, optimizer and data exist; no checkpoint has been loaded yet."""
+
+    def on_restore(self, trainer: Trainer, reason: str) -> None:
+        """``trainer.step`` is where the run continues from; files are cut back to it."""
 
     def on_step_start(self, trainer: Trainer) -> None:
         """Before the forward passes of step ``trainer.step + 1``."""

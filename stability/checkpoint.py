@@ -95,9 +95,13 @@ def save(trainer, root: Path, keep_last: int) -> Path:
     return final
 
 
-def load_latest(trainer, root: Path) -> int | None:
-    """Load the latest complete checkpoint into ``trainer``; return its step (None if none)."""
-    found = complete_checkpoints(root)
+def load_latest(trainer, root: Path, max_step: int | None = None) -> int | None:
+    """Load the latest complete checkpoint (at or before ``max_step``) into ``trainer``.
+
+    Returns its step, or None when there is none (the trainer is then untouched).
+    """
+    found = [p for p in complete_checkpoints(root)
+             if max_step is None or int(p.name[len(_PREFIX):]) <= max_step]
     if not found:
         return None
     latest = found[-1]
@@ -140,5 +144,5 @@ class Checkpointer(Callback):
         self.last_saved = trainer.step
 
     def on_close(self, trainer, status) -> None:
-        if self.save_final or status == "stopped":
+        if (self.save_final and status == "completed") or status == "stopped":
             self.save(trainer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -26,6 +27,8 @@ DECAY_STYLES = ("cosine", "linear", "WSD", "constant", "inverse-square-root")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 WANDB_MODES = ("offline", "online", "disabled")
+ACTIONS = ("log", "alert", "skip_step", "rollback", "stop")
+FAULT_KINDS = ("lr_spike", "bad_batch", "nan")
 
 
 @dataclass
@@ -183,6 +186,78 @@ class WandbConfig:
     """Run name; None = the run directory's name."""
     tags: list[str] = field(default_factory=list)
     """Run tags."""
+    alert_min_interval_steps: int = 50
+    """At most one alert per (detector, metric) in this many steps (errors are exempt)."""
+    max_alerts: int = 20
+    """At most this many alerts per run; later events only go to the events table."""
+    table_interval_steps: int = 100
+    """Re-log the events table at most every this many steps while new events arrive."""
+
+
+@dataclass
+class MonitorConfig:
+    """Statistics worth watching, recorded as device tensors (no host sync on the hot path)."""
+
+    enabled: bool = True
+    """Record the monitors below (loss, grad norm and logit statistics are always recorded)."""
+    interval: int = 1
+    """Steps between per-layer grad norms, update/parameter RMS ratios, Adam second-moment
+    health and embedding output std."""
+    attention_interval: int = 1
+    """Steps between max attention logits (an extra q.k^T per layer on the first sequence)."""
+
+
+def _default_detectors() -> list[str]:
+    from stability.detectors import DEFAULT_DETECTORS
+
+    return list(DEFAULT_DETECTORS)
+
+
+@dataclass
+class DetectorsConfig:
+    """Spike detectors run on every metrics row (the ``detectors=`` config group)."""
+
+    names: list[str] = field(default_factory=_default_detectors)
+    """Registry names (stability/detectors); [] = none."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments per detector name, e.g. {loss_spike: {window: 64}}."""
+
+
+@dataclass
+class ActionsConfig:
+    """What the run does about detector events."""
+
+    on_spike: str = "alert"
+    """log | alert | skip_step | rollback | stop, for loss and grad-norm spikes."""
+    on_nonfinite: str = "stop"
+    """log | alert | skip_step | rollback | stop, for NaN/Inf loss or gradients."""
+    on_leading: str = "alert"
+    """log | alert, for leading signs (attention-logit growth, logsumexp drift, ...)."""
+    rollback_skip_batches: int = 50
+    """Global batches skipped after a rollback (PaLM skipped 200-500)."""
+    rollback_margin_steps: int = 5
+    """Roll back to a checkpoint at least this many steps before the event."""
+    max_rollbacks: int = 3
+    """After this many rollbacks a further one stops the run instead."""
+    skip_zscore: float = 6.0
+    """skip_step: skip when loss or grad norm exceeds mean + z * std of the recent window
+    (OLMo-core's SkipStepOptimizer rule, decided on the device)."""
+    skip_window: int = 128
+    """skip_step: steps of history behind the z-score (at least 10 are needed to skip)."""
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests and demos."""
+
+    at_step: int | None = None
+    """First step of the fault; None = off."""
+    kind: str = "lr_spike"
+    """lr_spike (LR x magnitude) | bad_batch (random tokens) | nan (NaN loss)."""
+    magnitude: float = 100.0
+    """LR multiplier for lr_spike."""
+    duration: int = 1
+    """Steps the fault lasts."""
 
 
 @dataclass
@@ -210,6 +285,10 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    monitors: MonitorConfig = field(default_factory=MonitorConfig)
+    detectors: DetectorsConfig = field(default_factory=DetectorsConfig)
+    actions: ActionsConfig = field(default_factory=ActionsConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 def register_configs() -> None:
@@ -339,6 +418,30 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     dp = world_size // (p.tensor * p.pipeline)
     _divisible("trainer.global_batch_size", t.global_batch_size,
                "trainer.micro_batch_size * data-parallel size", t.micro_batch_size * dp)
+
+    _positive("monitors.interval", cfg.monitors.interval)
+    _positive("monitors.attention_interval", cfg.monitors.attention_interval, zero_ok=True)
+    a = cfg.actions
+    _one_of("actions.on_spike", a.on_spike, ACTIONS)
+    _one_of("actions.on_nonfinite", a.on_nonfinite, ACTIONS)
+    _one_of("actions.on_leading", a.on_leading, ("log", "alert"))
+    _positive("actions.rollback_skip_batches", a.rollback_skip_batches, zero_ok=True)
+    _positive("actions.rollback_margin_steps", a.rollback_margin_steps, zero_ok=True)
+    _positive("actions.max_rollbacks", a.max_rollbacks, zero_ok=True)
+    _positive("actions.skip_zscore", a.skip_zscore)
+    if a.skip_window < 10:
+        raise ConfigError("actions.skip_window", a.skip_window, ">= 10")
+    if "rollback" in (a.on_spike, a.on_nonfinite) and cfg.checkpoint.interval == 0:
+        raise ConfigError("checkpoint.interval", 0, "> 0 when an action is rollback")
+    from stability.detectors import build_detectors
+
+    build_detectors(cfg.detectors.names, cfg.detectors.params)  # ConfigError on a bad name
+    f = cfg.fault
+    _one_of("fault.kind", f.kind, FAULT_KINDS)
+    if f.at_step is not None:
+        _positive("fault.at_step", f.at_step)
+        _positive("fault.duration", f.duration)
+        _positive("fault.magnitude", f.magnitude)
 
     _positive("checkpoint.interval", cfg.checkpoint.interval, zero_ok=True)
     _one_of("checkpoint.resume", cfg.checkpoint.resume, ("auto", "never"))

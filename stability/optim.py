@@ -37,10 +37,13 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW over our parameter groups (fused kernels on CUDA)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    skippable: bool = False) -> torch.optim.AdamW:
+    """torch AdamW over our parameter groups (fused kernels on CUDA); ``skippable`` gives the
+    :class:`SkipStepAdamW` that the skip_step action needs."""
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(
+    cls = SkipStepAdamW if skippable else torch.optim.AdamW
+    return cls(
         param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay, fused=on_cuda or None, foreach=None if on_cuda else True,
     )
@@ -110,3 +113,44 @@ def _device(params) -> torch.device:
     for p in params:
         return p.device
     return torch.device("cpu")
+
+
+class SkipStepAdamW(torch.optim.AdamW):
+    """AdamW that can skip a step on a device-side decision, without a host sync.
+
+    Set ``skip`` to a boolean 0-dim tensor before ``step()``: where it is true, parameters,
+    moments and the step count stay exactly as they were (OLMo-core's SkipStepOptimizer idea).
+    With ``skip`` None it is torch's AdamW.
+    """
+
+    skip: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.skip is None:
+            return super().step(closure)
+        keep = (~self.skip).to(torch.float32)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                # A skipped step may carry NaN/Inf gradients: never let them touch the state.
+                grad = torch.where(self.skip, torch.zeros_like(p.grad), p.grad)
+                step = state["step"].to(p.device)
+                step.add_(keep)
+                state["step"] = step
+                state["exp_avg"].lerp_(grad, (1 - beta1) * keep)
+                state["exp_avg_sq"].lerp_(grad * grad, (1 - beta2) * keep)
+                bias1 = (1 - beta1**step).clamp(min=1e-12)
+                bias2 = (1 - beta2**step).clamp(min=1e-12)
+                p.mul_(1 - lr * wd * keep)
+                denom = (state["exp_avg_sq"].sqrt() / bias2.sqrt()).add_(eps)
+                p.sub_(state["exp_avg"] / denom * (lr * keep / bias1))
+        return None

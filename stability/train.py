@@ -21,17 +21,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from omegaconf import DictConfig, OmegaConf
 
 import stability  # noqa: F401  (quiets megatron-core's import warnings)
 from stability import cpu, parallel
+from stability.actions import SpikeWatch
 from stability.callbacks import Callback
 from stability.checkpoint import Checkpointer, load_latest, rng_state, set_rng_state
 from stability.config import Config, register_configs, validate
 from stability.data import build_train_data
 from stability.errors import ConfigError
+from stability.fault import FaultInjector
 from stability.loss import vocab_parallel_loss
 from stability.model import build_model, causal_mask
+from stability.monitors import Monitors
 from stability.optim import build_optimizer, build_scheduler, clip_grads, grad_norm
 from stability.sinks.console import ConsoleProgress
 from stability.sinks.jsonl import JsonlWriter
@@ -62,20 +66,25 @@ class Trainer:
         self.model = build_model(cfg, self.data.tokenizer.vocab_size).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ddp = self._wrap_data_parallel(self.model)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.callbacks: list[Callback] = list(callbacks or [])
+        skippable = any(getattr(c, "needs_skippable_optimizer", False) for c in self.callbacks)
+        self.optimizer = build_optimizer(self.model, cfg.optim, skippable=skippable)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.mask = causal_mask(cfg.data.seq_length, self.device)
+        self.fault = FaultInjector(cfg.fault)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.interval,
+                                         cfg.checkpoint.keep_last, cfg.checkpoint.save_final)
+        self.callbacks.append(self.checkpointer)
 
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0  # training seconds, carried over resumes
+        self.rollbacks = 0
         self.status = "running"
-        self.stop_requested = False
+        self.stop_reason: str | None = None
+        self.step_tensors: dict[str, torch.Tensor] = {}
         self._pending: list[dict[str, Any]] = []
-        self.callbacks: list[Callback] = callbacks if callbacks is not None else []
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.interval,
-                                         cfg.checkpoint.keep_last, cfg.checkpoint.save_final)
-        self.callbacks.append(self.checkpointer)
+        self._rollback: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _seed(self, seed: int) -> None:
@@ -94,14 +103,17 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.train_steps`` (or until a callback stops the run)."""
+        self._call("on_train_start")
         if self.cfg.checkpoint.resume == "auto":
             load_latest(self, self.run_dir / "checkpoints")
-        self.checkpointer.last_saved = self.step if self.step else None
-        self._call("on_train_start")
+        self.checkpointer.last_saved = self.step or None
+        self._call("on_restore", "resume")
         try:
-            while self.step < self.cfg.trainer.train_steps and not self.stop_requested:
+            while self.step < self.cfg.trainer.train_steps and self.stop_reason is None:
                 self.train_step()
-            self.status = "stopped" if self.stop_requested else "completed"
+                if self._rollback is not None:
+                    self._roll_back(*self._rollback)
+            self.status = "stopped" if self.stop_reason else "completed"
         except BaseException:
             self.status = "crashed"
             raise
@@ -112,68 +124,121 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step over the global batch."""
-        self._call("on_step_start")
         start = time.perf_counter()
+        self.step_tensors = {}
         self.scheduler.step(1)
+        self.fault.step_started(self.step + 1, self.optimizer)
+        self._call("on_step_start")
         self.optimizer.zero_grad(set_to_none=True)
         stats = [self._forward_backward(micro) for micro in range(self.accumulation)]
-        norm = grad_norm(self.params)
-        clip_grads(self.params, norm, self.cfg.optim.clip_grad)
+        self.step_loss = self._data_parallel_mean(torch.stack([s["loss"] for s in stats]).mean())
+        self.step_grad_norm = grad_norm(self.params)
+        clip_grads(self.params, self.step_grad_norm, self.cfg.optim.clip_grad)
         self._call("before_optimizer_step")
         self.optimizer.step()
         self.step += 1
+        self.fault.step_ended(self.step)
         self.tokens += self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
         step_time = time.perf_counter() - start
         self.elapsed += step_time
-        self._record(stats, norm, step_time)
+        self._record(stats, step_time)
         self._call("on_step_end")
         if self.step % self.cfg.trainer.log_interval == 0:
             self.flush_metrics()
 
     def _forward_backward(self, micro: int) -> dict[str, torch.Tensor]:
-        batch = {k: v.to(self.device, non_blocking=True)
-                 for k, v in self.data.loader.next_micro_batch().items()}
+        batch = self.data.loader.next_micro_batch()
+        batch = self.fault.batch(self.step + 1, batch, self.data.tokenizer.vocab_size)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         last = micro == self.accumulation - 1
         use_no_sync = self.ddp is not self.model and not last
-        sync = self.ddp.no_sync() if use_no_sync else contextlib.nullcontext()
-        with sync:
+        with self.ddp.no_sync() if use_no_sync else contextlib.nullcontext():
             logits = self.ddp(input_ids=batch["tokens"], position_ids=batch["position_ids"],
                               attention_mask=self.mask)
             out = vocab_parallel_loss(logits, batch["labels"], batch["loss_mask"],
                                       self.cfg.loss.z_loss)
-            (out.loss / self.accumulation).backward()
-        return {"loss": out.cross_entropy, "z_loss": out.z_loss,
+            loss = self.fault.loss(self.step + 1, out.loss)
+            (loss / self.accumulation).backward()
+        return {"loss": self.fault.loss(self.step + 1, out.cross_entropy), "z_loss": out.z_loss,
                 "logsumexp_mean": out.logsumexp_mean, "logit_max_abs": out.logit_max_abs}
 
+    # ------------------------------------------------------------------ actions
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step, with a checkpoint and status ``stopped``."""
+        self.stop_reason = reason
+
+    def request_rollback(self, max_step: int, skip_batches: int) -> None:
+        """After this step, go back to the latest checkpoint at or before ``max_step``."""
+        self._rollback = (max_step, skip_batches)
+
+    def _roll_back(self, max_step: int, skip_batches: int) -> None:
+        self._rollback = None
+        self.flush_metrics()
+        rollbacks, fault_done = self.rollbacks, self.fault.done
+        step = load_latest(self, self.run_dir / "checkpoints", max_step=max_step)
+        if step is None:
+            self.request_stop(f"no checkpoint at or before step {max_step} to roll back to")
+            return
+        self.rollbacks, self.fault.done = rollbacks + 1, fault_done
+        self.data.loader.skip_global_batches(skip_batches)
+        self.checkpointer.last_saved = self.step
+        self._call("on_restore", "rollback")
+
+    def emit_events(self, events: list[dict[str, Any]]) -> None:
+        """Hand detector events (events.jsonl rows) to every callback."""
+        self._call("on_events", events)
+
     # ------------------------------------------------------------------ metrics
-    def _record(self, stats: list[dict[str, torch.Tensor]], norm: torch.Tensor,
-                step_time: float) -> None:
-        """Keep this step's statistics as device tensors until the next flush."""
-        values = {k: torch.stack([s[k] for s in stats]).mean() for k in ("loss", "z_loss",
-                                                                          "logsumexp_mean")}
-        values["logit_max_abs"] = torch.stack([s["logit_max_abs"] for s in stats]).max()
-        values["grad_norm"] = norm.detach()
+    def record(self, key: str, value: torch.Tensor) -> None:
+        """Keep a statistic of the current step (a device tensor; moved at the next flush)."""
+        self.step_tensors[key] = value.detach()
+
+    def _data_parallel_mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.topology.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value /= self.topology.dp_size
+        return value
+
+    def _record(self, stats: list[dict[str, torch.Tensor]], step_time: float) -> None:
+        """This step's row: host numbers now, device tensors until the next flush."""
+        tensors = self.step_tensors  # callbacks may still add to it in on_step_end
+        tensors["loss"] = self.step_loss
+        for key in ("z_loss", "logsumexp_mean"):
+            tensors[key] = torch.stack([s[key] for s in stats]).mean()
+        tensors["logit_max_abs"] = torch.stack([s["logit_max_abs"] for s in stats]).max()
+        tensors["grad_norm"] = self.step_grad_norm.detach()
         tokens_step = self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
         self._pending.append({
-            "step": self.step, "tensors": values, "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens": self.tokens, "time": self.elapsed,
-            "step_time": step_time, "tokens_per_s": tokens_step / max(step_time, 1e-9),
+            "step": self.step, "tensors": tensors, "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens": self.tokens, "time": self.elapsed, "step_time": step_time,
+            "tokens_per_s": tokens_step / max(step_time, 1e-9),
         })
 
     def flush_metrics(self) -> None:
-        """Move pending statistics to the host in one batch and hand the rows to callbacks."""
+        """Move pending statistics to the host in one transfer; hand the rows to callbacks.
+
+        Statistics are averaged over data-parallel ranks, except maxima (keys with "max"),
+        which take the maximum; every rank ends with the same rows.
+        """
         if not self._pending:
             return
-        keys = list(self._pending[0]["tensors"])
-        stacked = torch.stack([torch.stack([p["tensors"][k] for k in keys])
-                               for p in self._pending])
-        if self.topology.dp_size > 1:  # every rank reports the global-batch mean
-            dist.all_reduce(stacked, group=parallel_state.get_data_parallel_group())
-            stacked /= self.topology.dp_size
+        layout = [(p, list(p["tensors"])) for p in self._pending]
+        flat = torch.stack([p["tensors"][k].float().reshape(()) for p, keys in layout
+                            for k in keys])
+        if self.topology.dp_size > 1:
+            is_max = torch.tensor(["max" in k for _, keys in layout for k in keys],
+                                  device=flat.device)
+            group = parallel_state.get_data_parallel_group()
+            summed, maxed = flat.clone(), flat.clone()
+            dist.all_reduce(summed, group=group)
+            dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
+            flat = torch.where(is_max, maxed, summed / self.topology.dp_size)
+        values = iter(flat.tolist())  # the one host transfer
         rows = []
-        for pending, values in zip(self._pending, stacked.tolist(), strict=True):
+        for pending, keys in layout:
             row = {k: v for k, v in pending.items() if k != "tensors"}
-            row.update(dict(zip(keys, values, strict=True)))
+            row.update({k: next(values) for k in keys})
             rows.append(row)
         self._pending.clear()
         self.last_metrics = rows[-1]
@@ -190,6 +255,8 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "elapsed": self.elapsed,
+            "rollbacks": self.rollbacks,
+            "fault_done": self.fault.done,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -202,6 +269,8 @@ class Trainer:
         self.step = state["step"]
         self.tokens = state["tokens"]
         self.elapsed = state["elapsed"]
+        self.rollbacks = state["rollbacks"]
+        self.fault.done = state["fault_done"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -217,13 +286,17 @@ class Trainer:
         status = self.status
         if status == "completed" and not math.isfinite(loss):
             status = "diverged"
-        return {"status": status, "steps": self.step, "final_loss": loss,
-                "tokens": self.tokens, "parameters": self.num_parameters()}
+        summary = {"status": status, "steps": self.step, "final_loss": loss,
+                   "tokens": self.tokens, "parameters": self.num_parameters(),
+                   "rollbacks": self.rollbacks}
+        if self.stop_reason:
+            summary["stop_reason"] = self.stop_reason
+        for callback in self.callbacks:
+            summary.update(getattr(callback, "summary", dict)())
+        return summary
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all tensor and pipeline shards)."""
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
         local = sum(p.numel() for p in self.params)
         replicated = sum(p.numel() for p in self.params
                          if not param_is_not_tensor_parallel_duplicate(p))
@@ -234,15 +307,22 @@ class Trainer:
         return int(round(count.item()))
 
 
+def default_callbacks(cfg: Config, run_dir: Path, is_main: bool,
+                      device: torch.device) -> list[Callback]:
+    """Monitors, detectors and actions on every rank; metrics.jsonl and console on rank 0."""
+    callbacks: list[Callback] = []
+    if cfg.monitors.enabled:
+        callbacks.append(Monitors(cfg.monitors, cfg.model.num_layers))
+    if cfg.detectors.names or cfg.actions.on_nonfinite in ("skip_step", "rollback", "stop"):
+        callbacks.append(SpikeWatch(cfg.detectors, cfg.actions, run_dir, is_main, device))
+    if is_main:
+        callbacks.append(JsonlWriter(run_dir))
+        if cfg.logger.console:
+            callbacks.append(ConsoleProgress(cfg.trainer.train_steps))
+        if cfg.logger.wandb.mode != "disabled":
+            from stability.sinks.wandb import WandbSink  # imports wandb only when it is used
 
-
-def default_callbacks(cfg: Config, run_dir: Path, is_main: bool) -> list[Callback]:
-    """Sinks that every run has: metrics.jsonl and the console line (rank 0)."""
-    if not is_main:
-        return []
-    callbacks: list[Callback] = [JsonlWriter(run_dir)]
-    if cfg.logger.console:
-        callbacks.append(ConsoleProgress(cfg.trainer.train_steps))
+            callbacks.append(WandbSink(cfg.logger.wandb))
     return callbacks
 
 
@@ -255,7 +335,8 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, is_main))
+    device = parallel.resolve_device(cfg.trainer.device)
+    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, is_main, device))
     try:
         summary = trainer.fit()
         if is_main:

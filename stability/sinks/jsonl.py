@@ -56,7 +56,9 @@ class JsonlWriter(Callback):
         self.path = run_dir / "metrics.jsonl"
         self._file = None
 
-    def on_train_start(self, trainer) -> None:
+    def on_restore(self, trainer, reason) -> None:
+        if self._file is not None:
+            self._file.close()
         truncate_jsonl(self.path, trainer.step)
         self._file = self.path.open("a")
 

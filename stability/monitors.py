@@ -1,0 +1,166 @@
+"""Per-step statistics worth watching, recorded as device tensors.
+
+Every statistic is a tensor handed to ``trainer.record``; the trainer moves a whole batch of
+steps to the host in one transfer (``trainer.log_interval``). Nothing here calls ``.item()``.
+
+Recorded keys (per layer ``N`` counts from 1, as megatron's ``layer_number``):
+
+- ``grad_norm/layer_N``: gradient L2 norm of the layer's parameters;
+- ``update_ratio/layer_N``, ``update_ratio_max``: ||theta_after - theta_before|| / ||theta_before||;
+- ``attn_logit_max/layer_N``, ``attn_logit_max``: max over heads and positions of q.k/sqrt(d)
+  (first sequence of the first micro batch: bounded memory at any length);
+- ``adam_v_below_eps``: share of Adam second-moment entries with sqrt(v) < eps (eps dominates
+  the update there: the "Adam eps" effect);
+- ``embedding_std``: std of the embedding output ("Spike No More": keep it near 1).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from stability.callbacks import Callback
+from stability.config import MonitorConfig
+
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+
+
+class Monitors(Callback):
+    """Hooks into the model and the step to record the statistics above."""
+
+    name = "monitors"
+
+    def __init__(self, cfg: MonitorConfig, num_layers: int) -> None:
+        self.cfg = cfg
+        self.num_layers = num_layers
+        self._attention: dict[int, torch.Tensor] = {}
+        self._capture_attention = False
+        self._before: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def on_train_start(self, trainer) -> None:
+        model = trainer.model
+        # Parameter -> global layer index (0-based), or -1 for embedding / head / final norm.
+        local_to_global = {i: layer.layer_number - 1
+                           for i, layer in enumerate(model.decoder.layers)}
+        self._layer_of = []
+        for name, _ in model.named_parameters():
+            match = _LAYER.search(name)
+            self._layer_of.append(local_to_global[int(match.group(1))] if match else -1)
+        self._counted = [param_is_not_tensor_parallel_duplicate(p) for p in trainer.params]
+        for layer in model.decoder.layers:
+            attention = layer.self_attention.core_attention
+            attention.register_forward_pre_hook(self._attention_hook(layer.layer_number - 1))
+        if getattr(model, "pre_process", False):
+            model.embedding.register_forward_hook(self._embedding_hook(trainer))
+
+    def _attention_hook(self, index: int):
+        def hook(module, args):
+            if not self._capture_attention or index in self._attention:
+                return
+            query, key = args[0][:, :1], args[1][:, :1]  # [s, 1, heads, d], [s, 1, groups, d]
+            with torch.no_grad():
+                q = query[:, 0].transpose(0, 1).float()  # [heads, s, d]
+                k = key[:, 0].transpose(0, 1).float()
+                k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+                scores = q @ k.transpose(1, 2) * module.softmax_scale
+                causal = torch.ones(scores.shape[-2:], dtype=torch.bool,
+                                    device=scores.device).tril()
+                self._attention[index] = scores.masked_fill(~causal, float("-inf")).amax()
+        return hook
+
+    def _embedding_hook(self, trainer):
+        def hook(module, args, output):
+            if self._sample_step(trainer) and "embedding_std" not in trainer.step_tensors:
+                trainer.record("embedding_std", output.detach().float().std())
+        return hook
+
+    # ------------------------------------------------------------------ per step
+    def _sample_step(self, trainer) -> bool:
+        return self.cfg.enabled and (trainer.step + 1) % self.cfg.interval == 0
+
+    def on_step_start(self, trainer) -> None:
+        every = self.cfg.attention_interval
+        self._capture_attention = self.cfg.enabled and every > 0 and (trainer.step + 1) % every == 0
+        self._attention = {}
+        self._before = ([p.detach().clone() for p in trainer.params]
+                        if self._sample_step(trainer) else None)
+
+    def before_optimizer_step(self, trainer) -> None:
+        if self._before is None:
+            return
+        squares = self._per_layer([p.grad for p in trainer.params])
+        squares = _sum_over_model_parallel(squares)
+        for i, value in enumerate(squares.sqrt().unbind()):
+            trainer.record(f"grad_norm/layer_{i + 1}", value)
+
+    def on_step_end(self, trainer) -> None:
+        if self._capture_attention and self._attention:
+            logits = torch.full((self.num_layers,), float("-inf"),
+                                device=trainer.device)
+            for index, value in self._attention.items():
+                logits[index] = value
+            logits = _max_over_model_parallel(logits)
+            for i, value in enumerate(logits.unbind()):
+                trainer.record(f"attn_logit_max/layer_{i + 1}", value)
+            trainer.record("attn_logit_max", logits.max())
+        self._capture_attention = False
+        if self._before is None:
+            return
+        deltas = self._per_layer([p.detach() - b for p, b in zip(trainer.params, self._before)])
+        norms = self._per_layer(self._before)
+        ratio = (_sum_over_model_parallel(deltas) /
+                 _sum_over_model_parallel(norms).clamp(min=1e-30)).sqrt()
+        for i, value in enumerate(ratio.unbind()):
+            trainer.record(f"update_ratio/layer_{i + 1}", value)
+        trainer.record("update_ratio_max", ratio.max())
+        trainer.record("adam_v_below_eps", self._adam_v_below_eps(trainer.optimizer))
+        self._before = None
+
+    # ------------------------------------------------------------------ helpers
+    def _per_layer(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """Sum of squares per layer over this rank's (non-duplicate) tensors."""
+        device = next(t.device for t in tensors if t is not None)
+        out = torch.zeros(self.num_layers, device=device)
+        for t, layer, counted in zip(tensors, self._layer_of, self._counted, strict=True):
+            if t is not None and layer >= 0 and counted:
+                out[layer] += t.float().square().sum()
+        return out
+
+    @staticmethod
+    def _adam_v_below_eps(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        below, total = [], 0
+        for group in optimizer.param_groups:
+            eps = group["eps"]
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                if state and "exp_avg_sq" in state:
+                    below.append((state["exp_avg_sq"].sqrt() < eps).sum())
+                    total += state["exp_avg_sq"].numel()
+        if not below:
+            return torch.zeros(())
+        counts = torch.stack([torch.stack(below).sum().float(),
+                              torch.tensor(float(total), device=below[0].device)])
+        counts = _sum_over_model_parallel(counts)  # tensor-parallel shards of the same state
+        return counts[0] / counts[1].clamp(min=1.0)
+
+
+def _model_parallel_size() -> int:
+    return (parallel_state.get_tensor_model_parallel_world_size()
+            * parallel_state.get_pipeline_model_parallel_world_size())
+
+
+def _sum_over_model_parallel(x: torch.Tensor) -> torch.Tensor:
+    if _model_parallel_size() > 1:
+        dist.all_reduce(x, group=parallel_state.get_model_parallel_group())
+    return x
+
+
+def _max_over_model_parallel(x: torch.Tensor) -> torch.Tensor:
+    if _model_parallel_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=parallel_state.get_model_parallel_group())
+    return x
