@@ -37,6 +37,7 @@ from stability.loss import vocab_parallel_loss
 from stability.model import build_model, causal_mask
 from stability.monitors import Monitors
 from stability.optim import build_optimizer, build_scheduler, clip_grads, grad_norm
+from stability.preemption import Preemption
 from stability.sinks.console import ConsoleProgress
 from stability.sinks.jsonl import JsonlWriter
 
@@ -85,6 +86,7 @@ class Trainer:
         self.step_tensors: dict[str, torch.Tensor] = {}
         self._pending: list[dict[str, Any]] = []
         self._rollback: tuple[int, int] | None = None
+        self.preemption: Preemption | None = None
 
     # ------------------------------------------------------------------ set-up helpers
     def _seed(self, seed: int) -> None:
@@ -113,6 +115,10 @@ class Trainer:
                 self.train_step()
                 if self._rollback is not None:
                     self._roll_back(*self._rollback)
+                if self._preempted():
+                    self.status = "preempted"
+                    self.checkpointer.save(self)
+                    return self.summary()
             self.status = "stopped" if self.stop_reason else "completed"
         except BaseException:
             self.status = "crashed"
@@ -183,6 +189,15 @@ class Trainer:
         self.data.loader.skip_global_batches(skip_batches)
         self.checkpointer.last_saved = self.step
         self._call("on_restore", "rollback")
+
+    def _preempted(self) -> bool:
+        """Did any rank get the warning signal? Agreed on at log steps (a sync point anyway)."""
+        if self.preemption is None or self.step % self.cfg.trainer.log_interval:
+            return False
+        flag = torch.tensor([float(self.preemption.received is not None)], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def emit_events(self, events: list[dict[str, Any]]) -> None:
         """Hand detector events (events.jsonl rows) to every callback."""
@@ -336,14 +351,19 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     device = parallel.resolve_device(cfg.trainer.device)
-    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, is_main, device))
+    preemption = Preemption().install()
     try:
+        trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, is_main, device))
+        trainer.preemption = preemption
         summary = trainer.fit()
         if is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
     finally:
         parallel.shutdown()
+    if summary["status"] == "preempted":
+        preemption.forward()  # under submitit: requeue this job; it resumes from the checkpoint
+    preemption.uninstall()
+    return summary
 
 
 def to_config(node: DictConfig | Config) -> Config:
