@@ -1,0 +1,72 @@
+"""Step-time cost of monitors and detectors at their default cadence, side by side.
+
+``python -m benchmarks.overhead [--size small] [--threads 2] [--steps 5] [--rounds 6]``
+
+Two trainers of the same model in one process, one with the monitors and the default detector
+set (what every run has), one without; they alternate in rounds of ``--steps`` steps so that the
+machine's noise falls on both alike. Prints the median step time of each and the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import stability  # noqa: F401
+from stability import cpu, parallel
+from stability.actions import SpikeWatch
+from stability.config import compose
+from stability.monitors import Monitors
+from stability.train import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--recipe", default="llama2")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu.apply()
+    topology = parallel.init(torch.device("cpu"), 1, 1)
+    cfg = compose(f"recipe={args.recipe}", f"size={args.size}", "optim.lr=1e-3",
+                  f"trainer.train_steps={args.rounds * args.steps + 10}",
+                  "checkpoint.interval=0", "checkpoint.save_final=false")
+    tmp = Path(tempfile.mkdtemp())
+    watched = Trainer(cfg, tmp / "watched", [
+        Monitors(cfg.monitors, cfg.model.num_layers),
+        SpikeWatch(cfg.detectors, cfg.actions, tmp / "watched", False, topology.device),
+    ], topology=topology)
+    plain = Trainer(cfg, tmp / "plain", [], topology=topology)
+    for trainer in (watched, plain):
+        for callback in trainer.callbacks:
+            callback.on_train_start(trainer)
+        for _ in range(2):  # warm-up
+            trainer.train_step()
+    times: dict[str, list[float]] = {"with monitors+detectors": [], "without": []}
+    for _ in range(args.rounds):
+        for name, trainer in (("with monitors+detectors", watched), ("without", plain)):
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                trainer.train_step()
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"size={args.size} recipe={args.recipe} threads={args.threads} "
+          f"steps={args.rounds}x{args.steps} each, alternating")
+    for name, median in medians.items():
+        print(f"{name:<26} median {median * 1e3:8.1f} ms/step")
+    overhead = medians["with monitors+detectors"] / medians["without"] - 1
+    print(f"overhead: {overhead:+.2%}  (detectors: {', '.join(cfg.detectors.names)}; "
+          f"monitor interval {cfg.monitors.interval}, attention {cfg.monitors.attention_interval})")
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()
