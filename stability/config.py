@@ -200,11 +200,17 @@ class MonitorConfig:
 
     enabled: bool = True
     """Record the monitors below (loss, grad norm and logit statistics are always recorded)."""
-    interval: int = 1
-    """Steps between per-layer grad norms, update/parameter RMS ratios, Adam second-moment
-    health and embedding output std."""
+    interval: int = 10
+    """Steps between per-layer grad norms and Adam second-moment health (full passes over
+    gradients and optimizer state)."""
     attention_interval: int = 1
     """Steps between max attention logits (an extra q.k^T per layer on the first sequence)."""
+    update_interval: int = 1
+    """Steps between update/parameter ratios and embedding output std (cheap: see below)."""
+    update_rows_fraction: float = 0.0625
+    """Share of each weight's rows (fixed, random) on which update ratios are measured; 1 =
+    exact. Adam's per-element updates are of similar size, so a sample estimates the ratio
+    well at a fraction of a full pass over the parameters."""
 
 
 def _default_detectors() -> list[str]:
@@ -421,6 +427,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
     _positive("monitors.interval", cfg.monitors.interval)
     _positive("monitors.attention_interval", cfg.monitors.attention_interval, zero_ok=True)
+    _positive("monitors.update_interval", cfg.monitors.update_interval, zero_ok=True)
+    if not 0.0 < cfg.monitors.update_rows_fraction <= 1.0:
+        raise ConfigError("monitors.update_rows_fraction", cfg.monitors.update_rows_fraction,
+                          "in (0, 1]")
     a = cfg.actions
     _one_of("actions.on_spike", a.on_spike, ACTIONS)
     _one_of("actions.on_nonfinite", a.on_nonfinite, ACTIONS)

@@ -1,0 +1,284 @@
+"""The W&B sink, driven directly with a stand-in trainer; its offline run file is read back."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import wandb_records as wr
+
+from stability.config import WandbConfig
+from stability.errors import ConfigError
+from stability.sinks.wandb import (
+    EVENTS_KEY,
+    TABLE_COLUMNS,
+    TABLE_KEY,
+    WandbSink,
+    alert_title,
+    wandb_name,
+)
+
+STEPS = 10
+LOSSES = [10.0 - 0.5 * s for s in range(1, STEPS + 1)]
+LOSSES[6] = math.nan  # step 7: non-finite loss
+
+
+def rows(first: int, last: int) -> list[dict]:
+    return [{"step": s, "loss": LOSSES[s - 1] if s <= STEPS else 4.0, "grad_norm": 1.0 + s,
+             "lr": 1e-3, "tokens": 1024 * s, "z_loss": 0.01, "attn_logit_max": 5.0,
+             "grad_norm/layer_1": 0.5, "logsumexp_mean": math.inf if s == 7 else 3.0,
+             "time": 0.1 * s, "step_time": 0.1, "tokens_per_s": 1e4, "mystery": s,
+             "note": "not a number", "mfu": None}
+            for s in range(first, last + 1)]
+
+
+def event(step, detector="loss_spike", metric="loss", value=9.0, threshold=5.0, score=8.0,
+          severity="warn", kind="spike", action="alert") -> dict:
+    return {"step": step, "detector": detector, "metric": metric, "value": value,
+            "threshold": threshold, "score": score, "severity": severity, "kind": kind,
+            "action": action, "message": f"{metric}={value} at step {step}"}
+
+
+# The scenario, with alert_min_interval_steps=50 and max_alerts=20:
+EVENTS = [
+    [event(3)],                                        # alert 1 (WARN)
+    [event(4, value=9.5), event(5, value=9.2)],        # same (detector, metric): throttled x2
+    [event(6, detector="attn_logit_growth", metric="attn_logit_max", kind="leading",
+           action="log")],                             # the policy said "log": no alert
+    [event(7, detector="nonfinite", metric="loss", value=math.nan, threshold=math.nan,
+           score=math.inf, severity="error", kind="nonfinite", action="stop"),
+     event(7, detector="nonfinite", metric="grad_norm", value=math.inf, threshold=math.nan,
+           score=math.inf, severity="error", kind="nonfinite", action="stop")],
+    # ^ error: bypasses the interval; two events at one step = one incident = alert 2 (ERROR)
+]
+LATE_EVENT = event(60)                                 # the interval has passed: alert 3
+
+
+@pytest.fixture(scope="module")
+def offline_run(offline_env, tmp_path_factory, make_trainer):
+    """Drive one sink through a run (then resume it), return what it left on disk."""
+    run_dir = tmp_path_factory.mktemp("run") / "llama2-tiny"
+    run_dir.mkdir()
+    trainer = make_trainer(run_dir)
+    cfg = WandbConfig(mode="offline", project="stability-test", tags=["test"],
+                      alert_min_interval_steps=50, max_alerts=20, table_interval_steps=100)
+    sink = WandbSink(cfg)
+    sink.on_train_start(trainer)
+    sink.on_restore(trainer, "resume")
+    done = 0
+    for batch in EVENTS:  # as the loop does: a flush's events, then its metric rows
+        trainer.step = batch[-1]["step"]
+        sink.on_events(trainer, batch)
+        sink.on_metrics(trainer, rows(done + 1, trainer.step))
+        done = trainer.step
+    trainer.step = STEPS
+    sink.on_metrics(trainer, rows(8, STEPS))
+    trainer.step = 60
+    sink.on_events(trainer, [LATE_EVENT])
+    state = sink.state_dict()
+    sink.on_close(trainer, "completed")
+    first = sorted((run_dir / "wandb").glob("offline-run-*"))
+
+    # A resumed process: the checkpoint's state brings the W&B run id back.
+    resumed = WandbSink(cfg)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    trainer.step = 60
+    resumed.on_train_start(trainer)
+    resumed.on_restore(trainer, "resume")
+    resumed.on_metrics(trainer, rows(61, 62))
+    resumed.on_close(trainer, "completed")
+    second = [p for p in sorted((run_dir / "wandb").glob("offline-run-*")) if p not in first]
+    assert len(first) == 1 and len(second) == 1
+    records = wr.read_finished(next(first[0].glob("run-*.wandb")))
+    return {"sink": sink, "resumed": resumed, "run_dir": run_dir, "dir": first[0],
+            "records": records, "second": wr.read_finished(next(second[0].glob("run-*.wandb")))}
+
+
+def test_history_holds_the_metrics_under_stable_names(offline_run):
+    history = [h for h in wr.history(offline_run["records"]) if "train/loss" in h]
+    logged = {h["step"]: h["train/loss"] for h in history}
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    for step, loss in logged.items():
+        expected = LOSSES[step - 1]
+        assert (math.isnan(loss) and math.isnan(expected)) or loss == expected, step
+    row = next(h for h in history if h["step"] == 7)
+    assert row["spike/logsumexp_mean"] == math.inf  # non-finite values are logged, not dropped
+    assert row["train/grad_norm"] == 8.0 and row["spike/grad_norm/layer_1"] == 0.5
+    assert row["perf/step_time"] == 0.1 and row["other/mystery"] == 7
+    assert not any(k.endswith(("note", "mfu")) for k in row)  # strings and None are skipped
+    assert row[EVENTS_KEY] == 6  # events up to step 7 (they arrive before the step's metrics)
+
+
+def test_one_alert_per_incident_throttled(offline_run):
+    alerts = wr.alerts(offline_run["records"])
+    assert [(a["title"], a["level"]) for a in alerts] == [
+        ("loss spike at step 3", "WARN"),
+        ("non-finite loss at step 7", "ERROR"),
+        ("loss spike at step 60", "WARN"),
+    ]
+    for alert in alerts:
+        assert len(alert["title"]) < 64
+        assert int(alert["wait_duration"]) == 60_000
+    text = alerts[0]["text"]
+    for part in ("run: llama2-tiny", str(offline_run["run_dir"]), "step: 3",
+                 "metric: loss = 9", "threshold 5", "detector: loss_spike", "action: alert"):
+        assert part in text, part
+    assert "also: nonfinite on grad_norm = inf" in alerts[1]["text"]
+    assert "incidents not alerted so far (throttled): 2" in alerts[1]["text"]
+    sink = offline_run["sink"]
+    assert (sink.alerts_sent, sink.alerts_suppressed, sink.event_count) == (3, 2, 7)
+
+
+def test_events_table_markers_and_summary(offline_run):
+    history = wr.history(offline_run["records"])
+    markers = {h["step"]: h for h in history if any(k.startswith("spike/marker/") for k in h)}
+    assert sorted(markers) == [3, 4, 5, 6, 7, 60]
+    assert markers[3]["spike/marker/loss"] == 9.0
+    assert math.isnan(markers[7]["spike/marker/loss"])
+    assert markers[7]["spike/marker/grad_norm"] == math.inf
+
+    tables = [json.loads(p.read_text(), parse_constant=float) for p in
+              (offline_run["dir"] / "files" / "media" / "table").rglob("*.table.json")]
+    assert len(tables) == 2  # at the first event, then at close (new events since)
+    last = max(tables, key=lambda t: len(t["data"]))
+    assert last["columns"] == list(TABLE_COLUMNS)
+    assert [r[0] for r in last["data"]] == [3, 4, 5, 6, 7, 7, 60]
+    assert [r[6] for r in last["data"]].count("error") == 2
+
+    summary = wr.summary(offline_run["records"])
+    assert summary["status"] == "completed" and summary["final_loss"] == 5.0
+    assert summary["alerts_sent"] == 3 and summary["alerts_suppressed"] == 2
+    assert summary[TABLE_KEY]["nrows"] == 7
+
+
+def test_run_config_name_and_id(offline_run, tiny_config):
+    run = wr.run_info(offline_run["records"])
+    assert run.run_id == offline_run["sink"].run_id
+    assert run.display_name == "llama2-tiny" and run.project == "stability-test"
+    assert list(run.tags) == ["test"]
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    config.pop("_wandb", None)
+    assert config == json.loads(json.dumps(dataclasses.asdict(tiny_config)))  # the whole config
+
+
+def test_resume_continues_the_same_run(offline_run):
+    run = wr.run_info(offline_run["second"])
+    assert run.run_id == offline_run["sink"].run_id and run.resume
+    assert [h["step"] for h in wr.history(offline_run["second"]) if "train/loss" in h] == [61, 62]
+    resumed = offline_run["resumed"]
+    assert resumed.event_count == 7 and resumed.alerts_sent == 3 and len(resumed.events) == 7
+
+
+# ---------------------------------------------------------------------- without W&B
+
+
+class FakeRun:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.alerts: list[dict] = []
+        self.logged: list[dict] = []
+
+    def alert(self, **kwargs) -> None:
+        self.alerts.append(kwargs)
+
+    def log(self, data: dict) -> None:
+        self.logged.append(data)
+
+
+def fake_sink(tmp_path, make_trainer, **cfg) -> tuple[WandbSink, FakeRun, object]:
+    sink = WandbSink(WandbConfig(mode="offline", **cfg))
+    sink.run = FakeRun()
+    return sink, sink.run, make_trainer(tmp_path)
+
+
+def test_max_alerts_caps_even_errors(tmp_path, make_trainer):
+    sink, run, trainer = fake_sink(tmp_path, make_trainer, max_alerts=2)
+    for step in range(1, 6):
+        sink.on_events(trainer, [event(step, detector="nonfinite", severity="error",
+                                       kind="nonfinite", action="stop")])
+    assert len(run.alerts) == 2 and sink.alerts_suppressed == 3
+    assert "alert limit reached (2)" in run.alerts[-1]["text"]
+
+
+def test_interval_is_per_detector_and_metric(tmp_path, make_trainer):
+    sink, run, trainer = fake_sink(tmp_path, make_trainer, alert_min_interval_steps=10)
+    for step in range(1, 25):
+        sink.on_events(trainer, [event(step), event(step, detector="grad_norm_spike",
+                                                    metric="grad_norm")])
+    assert [a["title"] for a in run.alerts] == [
+        "loss spike at step 1", "loss spike at step 11", "loss spike at step 21"]
+    assert sink.alerts_suppressed == 21
+
+
+def test_log_action_never_alerts(tmp_path, make_trainer):
+    sink, run, trainer = fake_sink(tmp_path, make_trainer)
+    sink.on_events(trainer, [event(5, action="log"), event(5, metric="grad_norm", action="log")])
+    assert run.alerts == [] and sink.alerts_suppressed == 0 and sink.event_count == 2
+
+
+def test_table_is_relogged_at_most_every_interval(tmp_path, make_trainer, monkeypatch):
+    monkeypatch.setattr("stability.sinks.wandb.wandb.Table",
+                        lambda columns, data: ("table", len(data)))
+    sink, run, trainer = fake_sink(tmp_path, make_trainer, table_interval_steps=20,
+                                   alert_min_interval_steps=0)
+    for step in (1, 5, 21, 30, 41):
+        trainer.step = step
+        sink.on_events(trainer, [event(step)])
+    tables = [(d["step"], d[TABLE_KEY]) for d in run.logged if TABLE_KEY in d]
+    assert tables == [(1, ("table", 1)), (21, ("table", 3)), (41, ("table", 5))]
+
+
+def test_rollback_does_not_rewind_a_live_run(tmp_path, make_trainer):
+    sink, run, trainer = fake_sink(tmp_path, make_trainer)
+    checkpoint = sink.state_dict()
+    sink.on_events(trainer, [event(8)])
+    sink.load_state_dict(checkpoint)  # what a rollback does to every callback
+    assert sink.event_count == 1 and sink.last_alert == {"loss_spike|loss": 8}
+
+
+def test_other_ranks_do_nothing(tmp_path, make_trainer):
+    sink = WandbSink(WandbConfig(mode="offline"))
+    trainer = make_trainer(tmp_path, is_main=False)
+    sink.on_train_start(trainer)
+    sink.on_restore(trainer, "resume")
+    sink.on_metrics(trainer, rows(1, 2))
+    sink.on_events(trainer, [event(1)])
+    sink.on_close(trainer, "completed")
+    assert sink.run is None and not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.parametrize("key, name", [
+    ("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("lr", "train/lr"),
+    ("tokens", "train/tokens"), ("z_loss", "train/z_loss"), ("step", "step"),
+    ("logsumexp_mean", "spike/logsumexp_mean"), ("logit_max_abs", "spike/logit_max_abs"),
+    ("attn_logit_max", "spike/attn_logit_max"), ("update_ratio_max", "spike/update_ratio_max"),
+    ("embedding_std", "spike/embedding_std"), ("adam_v_below_eps", "spike/adam_v_below_eps"),
+    ("spike_score", "spike/spike_score"), ("skipped", "spike/skipped"),
+    ("grad_norm/layer_3", "spike/grad_norm/layer_3"),
+    ("attn_logit_max/layer_1", "spike/attn_logit_max/layer_1"),
+    ("update_ratio/layer_2", "spike/update_ratio/layer_2"),
+    ("tokens_per_s", "perf/tokens_per_s"), ("step_time", "perf/step_time"),
+    ("mfu", "perf/mfu"), ("time", "perf/time"),
+    ("something_new", "other/something_new"), ("loss_scale/x", "other/loss_scale/x"),
+])
+def test_wandb_name(key, name):
+    assert wandb_name(key) == name
+
+
+def test_alert_titles_stay_under_64_characters():
+    assert alert_title(event(123), 123) == "loss spike at step 123"
+    assert alert_title(event(7, kind="nonfinite"), 7) == "non-finite loss at step 7"
+    assert alert_title(event(40, metric="attn_logit_max", kind="leading"), 40) == \
+        "attn_logit_max rising at step 40"
+    long = alert_title(event(1, metric="attn_logit_max/" + "x" * 80), 12345678)
+    assert len(long) < 64 and long.endswith("... spike at step 12345678")
+
+
+@pytest.mark.parametrize("field, value", [("alert_min_interval_steps", -1),
+                                          ("max_alerts", -2), ("table_interval_steps", 0)])
+def test_bad_config_is_a_config_error(field, value):
+    with pytest.raises(ConfigError, match=f"logger.wandb.{field}"):
+        WandbSink(WandbConfig(mode="offline", **{field: value}))
