@@ -39,7 +39,8 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
 
     with torch.no_grad():
         shift = logits.max(dim=-1).values
-        abs_max = logits.abs().amax()
+        low, high = torch.aminmax(logits)
+        abs_max = torch.maximum(high, -low)
         if tp > 1:
             dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
             dist.all_reduce(abs_max, op=dist.ReduceOp.MAX, group=group)

@@ -5,13 +5,18 @@ steps to the host in one transfer (``trainer.log_interval``). Nothing here calls
 
 Recorded keys (per layer ``N`` counts from 1, as megatron's ``layer_number``):
 
-- ``grad_norm/layer_N``: gradient L2 norm of the layer's parameters;
-- ``update_ratio/layer_N``, ``update_ratio_max``: ||theta_after - theta_before|| / ||theta_before||;
+- ``grad_norm/layer_N``: gradient L2 norm of the layer's parameters (``interval``);
+- ``update_ratio/layer_N``, ``update_ratio_max``: ||theta_after - theta_before|| / ||theta_before||
+  measured on a fixed random share of each weight's rows (``update_interval``);
 - ``attn_logit_max/layer_N``, ``attn_logit_max``: max over heads and positions of q.k/sqrt(d)
   (first sequence of the first micro batch: bounded memory at any length);
 - ``adam_v_below_eps``: share of Adam second-moment entries with sqrt(v) < eps (eps dominates
-  the update there: the "Adam eps" effect);
-- ``embedding_std``: std of the embedding output ("Spike No More": keep it near 1).
+  the update there: the "Adam eps" effect) (``interval``);
+- ``embedding_std``: std of the embedding output ("Spike No More": keep it near 1)
+  (``update_interval``).
+
+Cadences are chosen so that the defaults cost under 2% of a step (benchmarks/overhead.py): the
+leading statistics (attention logits, update ratios) every step, full passes every 10.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class Monitors(Callback):
         self.num_layers = num_layers
         self._attention: dict[int, torch.Tensor] = {}
         self._capture_attention = False
+        self._updates = False
+        self._full = False
         self._before: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -52,6 +59,14 @@ class Monitors(Callback):
             match = _LAYER.search(name)
             self._layer_of.append(local_to_global[int(match.group(1))] if match else -1)
         self._counted = [param_is_not_tensor_parallel_duplicate(p) for p in trainer.params]
+        # The same random rows of each parameter every step (seeded: identical on resume).
+        generator = torch.Generator().manual_seed(trainer.cfg.trainer.seed)
+        self._rows = []
+        for p in trainer.params:
+            n = p.shape[0]
+            k = max(1, round(n * self.cfg.update_rows_fraction))
+            rows = torch.randperm(n, generator=generator)[:k].sort().values
+            self._rows.append(rows.to(p.device))
         for layer in model.decoder.layers:
             attention = layer.self_attention.core_attention
             attention.register_forward_pre_hook(self._attention_hook(layer.layer_number - 1))
@@ -75,23 +90,24 @@ class Monitors(Callback):
 
     def _embedding_hook(self, trainer):
         def hook(module, args, output):
-            if self._sample_step(trainer) and "embedding_std" not in trainer.step_tensors:
+            if self._updates and "embedding_std" not in trainer.step_tensors:
                 trainer.record("embedding_std", output.detach().float().std())
         return hook
 
     # ------------------------------------------------------------------ per step
-    def _sample_step(self, trainer) -> bool:
-        return self.cfg.enabled and (trainer.step + 1) % self.cfg.interval == 0
+    def _due(self, trainer, every: int) -> bool:
+        return self.cfg.enabled and every > 0 and (trainer.step + 1) % every == 0
 
     def on_step_start(self, trainer) -> None:
-        every = self.cfg.attention_interval
-        self._capture_attention = self.cfg.enabled and every > 0 and (trainer.step + 1) % every == 0
+        self._capture_attention = self._due(trainer, self.cfg.attention_interval)
         self._attention = {}
-        self._before = ([p.detach().clone() for p in trainer.params]
-                        if self._sample_step(trainer) else None)
+        self._updates = self._due(trainer, self.cfg.update_interval)
+        self._full = self._due(trainer, self.cfg.interval)
 
     def before_optimizer_step(self, trainer) -> None:
-        if self._before is None:
+        if self._updates:
+            self._before = [p.detach()[rows] for p, rows in zip(trainer.params, self._rows)]
+        if not self._full:
             return
         squares = self._per_layer([p.grad for p in trainer.params])
         squares = _sum_over_model_parallel(squares)
@@ -109,17 +125,18 @@ class Monitors(Callback):
                 trainer.record(f"attn_logit_max/layer_{i + 1}", value)
             trainer.record("attn_logit_max", logits.max())
         self._capture_attention = False
-        if self._before is None:
-            return
-        deltas = self._per_layer([p.detach() - b for p, b in zip(trainer.params, self._before)])
-        norms = self._per_layer(self._before)
-        ratio = (_sum_over_model_parallel(deltas) /
-                 _sum_over_model_parallel(norms).clamp(min=1e-30)).sqrt()
-        for i, value in enumerate(ratio.unbind()):
-            trainer.record(f"update_ratio/layer_{i + 1}", value)
-        trainer.record("update_ratio_max", ratio.max())
-        trainer.record("adam_v_below_eps", self._adam_v_below_eps(trainer.optimizer))
-        self._before = None
+        if self._before is not None:
+            after = [p.detach()[rows] for p, rows in zip(trainer.params, self._rows)]
+            deltas = self._per_layer([a - b for a, b in zip(after, self._before)])
+            norms = self._per_layer(self._before)
+            ratio = (_sum_over_model_parallel(deltas) /
+                     _sum_over_model_parallel(norms).clamp(min=1e-30)).sqrt()
+            for i, value in enumerate(ratio.unbind()):
+                trainer.record(f"update_ratio/layer_{i + 1}", value)
+            trainer.record("update_ratio_max", ratio.max())
+            self._before = None
+        if self._full:
+            trainer.record("adam_v_below_eps", self._adam_v_below_eps(trainer.optimizer))
 
     # ------------------------------------------------------------------ helpers
     def _per_layer(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:

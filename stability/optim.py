@@ -129,6 +129,8 @@ class SkipStepAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.skip is None:
             return super().step(closure)
+        if not self.skip.is_cuda:  # on the CPU reading the decision costs nothing
+            return None if bool(self.skip) else super().step(closure)
         keep = (~self.skip).to(torch.float32)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
