@@ -1,6 +1,6 @@
 """The three adjustments that let megatron-core's local model run without CUDA.
 
-megatron-core assumes CUDA in three places (see docs/design.md, "megatron-core on CPU"):
+megatron-core assumes CUDA in three places (measured in the project notes, "megatron-core on CPU"):
 
 1. RoPE and the local attention allocate on ``torch.cuda.current_device()``;
 2. the tensor-parallel RNG tracker seeds and forks CUDA generators;
