@@ -20,7 +20,7 @@ from stability.checkpoint import complete_checkpoints
 from stability.train import Trainer
 
 SPIKE = ["size=tiny", "recipe=llama2", "optim.lr=3e-3", "trainer.train_steps=70",
-         "fault.at_step=50", "fault.kind=lr_spike", "fault.magnitude=50",
+         "fault.at_step=50", "fault.kind=lr_spike", "fault.magnitude=300",
          "checkpoint.interval=10", "checkpoint.keep_last=4", "logger.console=false",
          "trainer.threads=1"]
 
@@ -46,6 +46,13 @@ def test_lr_spike_is_detected_within_3_steps_and_a_leading_detector_fires_first(
     assert loss_events[0]["action"] == "alert"
     leading = [e for e in events if e["kind"] == "leading" and e["step"] >= 50]
     assert leading and leading[0]["step"] < loss_events[0]["step"], events
+
+    # Offline replay on the finished run gives the events the live run recorded.
+    proc = subprocess.run([sys.executable, "-m", "stability.detect", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    replayed = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [{**e, "action": ""} for e in events] == replayed
 
 
 def test_rollback_skips_batches_and_completes_with_finite_loss(tmp_path):
@@ -115,7 +122,7 @@ def test_skip_step_leaves_parameters_unchanged(tmp_path, single_process):
 
 def test_detector_state_survives_a_kill_and_resume(tmp_path):
     overrides = [*SPIKE[:4], "trainer.train_steps=32", "fault.at_step=24", "fault.kind=lr_spike",
-                 "fault.magnitude=50", "checkpoint.interval=20", "logger.console=false",
+                 "fault.magnitude=300", "checkpoint.interval=20", "logger.console=false",
                  "trainer.threads=1"]
     train(tmp_path / "ref", *overrides)
     reference = rows(tmp_path / "ref" / "events.jsonl")
