@@ -1,0 +1,1 @@
+"""Detector benchmark: labelled synthetic traces, scoring, and the command line."""

@@ -1,0 +1,304 @@
+"""Loss spikes against a robust local trend, so a falling curve does not hide them."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from stability.detectors.base import (
+    MAD_TO_SIGMA,
+    BaseDetector,
+    Event,
+    RollingQuantiles,
+    get_value,
+    init_args,
+    median,
+    register,
+)
+
+
+@register("loss_spike")
+class TrendSpikeDetector(BaseDetector):
+    """Residuals against a robust local power-law trend, with a robust scale and a floor.
+
+    Each row's value ``y = log(loss)`` is compared with a prediction from the baseline, the
+    last accepted rows, in ``x = log(step + 1)`` (a local power law ``loss ~ c * step^-a``;
+    log-log axes keep the steep, convex early curve nearly straight). The slope is Tukey's
+    resistant line over ``slope_window`` rows (medians of the first and last thirds), capped
+    at ``max_rise`` (0: the baseline may fall or stay flat, never climb, so a slow blow-up
+    cannot drag it along; a slow benign drift is followed by the level); the intercept is
+    the median of ``y - slope * x`` over the last ``window`` rows. A rolling median or mean
+    would lag a falling curve by half its window and hide spikes under it; the slope removes
+    that lag.
+
+    The residual ``r = y - prediction`` (a log ratio: 0.1 = 10.5% above trend) is scaled by
+    a robust sigma, the inter-quartile range of recent one-step-ahead residuals (the larger of
+    a ``resid_window`` and a ``short_window`` estimate, so a noisier stretch raises it within a
+    few rows). Two rules fire:
+
+    - large: one row with ``r >= max(k_large * sigma, log1p(floor_large))``;
+    - sustained: the median of the last ``persist`` rows
+      ``>= max(k_sustained * sigma / sqrt(persist), log1p(floor_sustained))`` and none of
+      them under ``log1p(floor_sustained / 2)``.
+
+    So a hard batch (one row under ``floor_large``) never fires, two hard batches in three
+    rows do not either (the median), and a jump that lasts fires ``persist - 1`` rows after it
+    starts.
+
+    Robustness: rows at or above ``lo = max(gate * sigma, log1p(floor_sustained / 2))`` are
+    held out of the baseline and the scale; when the run of such rows ends without an event
+    (hard batches) or grows past ``hold_max`` rows (a level change), they enter winsorised at
+    ``lo``. Rows of an incident never enter, until it ends.
+
+    One event per incident (documented refractory): after firing, no event until ``release``
+    consecutive rows are back under ``lo``. An incident longer than ``max_incident`` rows (a
+    plateau, a divergence) re-bases the baseline flat at the recent level (and, until the
+    baseline has refilled, the slope may not be steeper than before the incident: a recovery
+    is not the learning curve) and keeps waiting for ``release`` quiet rows; a divergence
+    therefore fires once, or once more per ``max_incident`` rows if it keeps accelerating.
+
+    Rows logged every N steps work: the slope is per step; ``persist``, ``release`` and the
+    windows count rows (``persist=3`` rows of a run logged every 10 steps span 30 steps).
+    Rows with a missing, non-finite or non-positive value are skipped.
+
+    Args:
+        metric: Key to watch (positive values).
+        window: Rows for the trend's level (intercept).
+        slope_window: Rows for the trend's slope (the baseline's length).
+        min_history: Rows needed before the first check.
+        resid_window: Long window of residuals for the scale.
+        short_window: Short window of residuals for the scale.
+        k_large: Large rule, in sigmas.
+        floor_large: Large rule, relative floor (0.2 = 20% above trend).
+        k_sustained: Sustained rule, in sigmas of one row (divided by ``sqrt(persist)``).
+        floor_sustained: Sustained rule, relative floor on the median of ``persist`` rows
+            (0.12: the largest single-row excursion the benchmark calls benign).
+        persist: Rows the sustained rule looks at.
+        gate: Rows at least ``gate`` sigmas above trend are held out of the baseline.
+        hold_max: Held-out rows before they enter winsorised.
+        release: Quiet rows that end an incident.
+        max_incident: Incident rows before the baseline is re-based.
+        min_sigma: Floor of the scale (log units).
+        max_rise: Largest upward trend slope (relative rise per step) the fit may follow.
+    """
+
+    requires = ("loss",)
+
+    def __init__(
+        self,
+        metric: str = "loss",
+        window: int = 64,
+        slope_window: int = 64,
+        min_history: int = 20,
+        resid_window: int = 64,
+        short_window: int = 16,
+        k_large: float = 6.0,
+        floor_large: float = 0.2,
+        k_sustained: float = 6.0,
+        floor_sustained: float = 0.12,
+        persist: int = 3,
+        gate: float = 2.0,
+        hold_max: int = 5,
+        release: int = 3,
+        max_incident: int = 100,
+        min_sigma: float = 0.002,
+        max_rise: float = 0.0,
+    ) -> None:
+        super().__init__(**init_args(locals()))
+        if not (6 <= min_history <= slope_window and 4 <= window <= slope_window):
+            raise ValueError("loss_spike needs 6 <= min_history, 4 <= window, both <= slope_window")
+        self.metric = metric
+        self.requires = (metric,)
+        self.window = window
+        self.slope_window = slope_window
+        self.min_history = min_history
+        self.k_large = k_large
+        self.log_large = math.log1p(floor_large)
+        self.k_sustained = k_sustained
+        self.log_sustained = math.log1p(floor_sustained)
+        self.log_lo = math.log1p(floor_sustained / 2)
+        self.persist = persist
+        self.gate = gate
+        self.hold_max = hold_max
+        self.release = release
+        self.max_incident = max_incident
+        self.min_sigma = min_sigma
+        self.max_rise = max_rise
+        self._hist: deque[tuple[float, float]] = deque(maxlen=slope_window)
+        self._recent: deque[tuple[float, float]] = deque(maxlen=min_history)
+        self._res_long = RollingQuantiles(resid_window)
+        self._res_short = RollingQuantiles(short_window)
+        self._pending: list[tuple[float, float, float]] = []
+        self._last: deque[float] = deque(maxlen=persist)
+        self._incident = False
+        self._incident_rows = 0
+        self._quiet = 0
+        self._slope = 0.0
+        self._slope_at_fire = 0.0
+        self._slope_floor: float | None = None
+        self._floor_rows = 0
+
+    # --- the trend and the scale ---------------------------------------------------------
+
+    def _fit(self, step: int) -> tuple[float, float]:
+        """Resistant line through the baseline: (intercept, slope).
+
+        Slope: Tukey's resistant line (medians of the first and last thirds) over the whole
+        baseline (``slope_window`` rows), at most a rise of ``max_rise`` per step at ``step``
+        (a loss that climbs faster than a slow drift is what this detector looks for, so the
+        trend must not follow it). Intercept: the median of ``y - slope * x`` over the last
+        ``window`` rows, so the level follows the curve closely.
+        """
+        xs, ys = zip(*self._hist)
+        n = len(xs)
+        k = n // 3
+        h = k // 2  # xs increase: the median of a third is its middle
+        xl = xs[h] if k % 2 else 0.5 * (xs[h - 1] + xs[h])
+        xr = xs[n - k + h] if k % 2 else 0.5 * (xs[n - k + h - 1] + xs[n - k + h])
+        yl, yr = median(ys[:k]), median(ys[n - k :])
+        b = (yr - yl) / (xr - xl) if xr > xl else 0.0
+        b = min(b, self.max_rise * (step + 1.0))
+        if self._slope_floor is not None:  # after a re-base: no steeper than before the incident
+            b = max(b, self._slope_floor)
+        m = min(n, self.window)
+        a = median([y - b * x for x, y in zip(xs[n - m :], ys[n - m :])])
+        return a, b
+
+    def _sigma(self, a: float, b: float) -> float:
+        if len(self._res_long) >= 8:
+            s = self._res_long.iqr_sigma()
+            if len(self._res_short) >= self._res_short.size // 2:
+                s = max(s, self._res_short.iqr_sigma())
+        else:  # too few out-of-sample residuals yet: in-sample MAD, inflated
+            res = [y - a - b * x for x, y in self._hist]
+            s = 1.5 * MAD_TO_SIGMA * median(abs(r) for r in res)
+        return max(s, self.min_sigma)
+
+    def _accept(self, x: float, y: float, r: float) -> None:
+        if self._slope_floor is not None:
+            self._floor_rows -= 1
+            if self._floor_rows <= 0:
+                self._slope_floor = None
+        self._hist.append((x, y))
+        self._res_long.add(r)
+        self._res_short.add(r)
+
+    def _flush_pending(self, lo: float) -> None:
+        for x, y, r in self._pending:
+            self._accept(x, y - r + lo, lo)
+        self._pending.clear()
+
+    # --- the stream ----------------------------------------------------------------------
+
+    def _update(self, step: int, metrics: Mapping[str, Any]) -> list[Event]:
+        v = get_value(metrics, self.metric)
+        if v is None or not math.isfinite(v) or v <= 0.0:
+            return []
+        x = math.log(max(step, 0) + 1.0)
+        y = math.log(v)
+        self._recent.append((x, y))
+        if len(self._hist) < self.min_history:
+            self._hist.append((x, y))
+            return []
+        a, b = self._fit(step)
+        self._slope = b
+        pred = a + b * x
+        r = y - pred
+        sigma = self._sigma(a, b)
+        lo = max(self.gate * sigma, self.log_lo)
+
+        if self._incident:
+            self._incident_rows += 1
+            if r < lo:
+                self._quiet += 1
+                self._accept(x, y, r)
+                if self._quiet >= self.release:
+                    self._incident = False
+            else:
+                self._quiet = 0
+            if self._incident and self._incident_rows >= self.max_incident:
+                # flat at the recent level; until the baseline has refilled, the slope may not
+                # be steeper than before the incident (a recovery is not the learning curve)
+                level = median(p[1] for p in self._recent)
+                self._hist = deque(((p[0], level) for p in self._recent), maxlen=self.slope_window)
+                self._incident_rows = 0
+                self._slope_floor = min(self._slope_at_fire, 0.0)
+                self._floor_rows = self.slope_window
+            return []
+
+        large = max(self.k_large * sigma, self.log_large)
+        if r >= large:
+            return [self._fire(step, v, pred, r, large, sigma, "large")]
+        self._last.append(r)
+        if len(self._last) == self.persist:
+            mid = median(self._last)
+            need = max(self.k_sustained * sigma / math.sqrt(self.persist), self.log_sustained)
+            if mid >= need and min(self._last) >= self.log_lo:
+                return [self._fire(step, v, pred, mid, need, sigma, "sustained")]
+        if r >= lo:
+            self._pending.append((x, y, r))
+            if len(self._pending) > self.hold_max:
+                self._flush_pending(lo)
+            return []
+        self._flush_pending(lo)
+        self._accept(x, y, r)
+        return []
+
+    def _fire(
+        self, step: int, v: float, pred: float, r: float, need: float, sigma: float, rule: str
+    ) -> Event:
+        self._incident = True
+        self._incident_rows = 0
+        self._quiet = 0
+        self._slope_at_fire = self._slope
+        self._pending.clear()
+        self._last.clear()
+        trend = math.exp(pred)
+        return Event(
+            step=step,
+            detector=self.name,
+            metric=self.metric,
+            value=v,
+            threshold=trend * math.exp(need),
+            score=r / sigma,
+            severity="warn",
+            kind="spike",
+            message=f"{self.metric}={v:.4g} is {math.expm1(r):+.0%} vs trend {trend:.4g} "
+            f"({rule}, {r / sigma:.1f} sigma)",
+        )
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _get_state(self) -> dict[str, Any]:
+        return {
+            "hist": [list(p) for p in self._hist],
+            "recent": [list(p) for p in self._recent],
+            "res_long": self._res_long.to_list(),
+            "res_short": self._res_short.to_list(),
+            "pending": [list(p) for p in self._pending],
+            "last": list(self._last),
+            "incident": self._incident,
+            "incident_rows": self._incident_rows,
+            "quiet": self._quiet,
+            "slope": self._slope,
+            "slope_at_fire": self._slope_at_fire,
+            "slope_floor": self._slope_floor,
+            "floor_rows": self._floor_rows,
+        }
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        self._hist = deque((tuple(p) for p in state["hist"]), maxlen=self.slope_window)
+        self._recent = deque((tuple(p) for p in state["recent"]), maxlen=self.min_history)
+        self._res_long.load(state["res_long"])
+        self._res_short.load(state["res_short"])
+        self._pending = [tuple(p) for p in state["pending"]]
+        self._last = deque((float(r) for r in state["last"]), maxlen=self.persist)
+        self._incident = bool(state["incident"])
+        self._incident_rows = int(state["incident_rows"])
+        self._quiet = int(state["quiet"])
+        self._slope = float(state["slope"])
+        self._slope_at_fire = float(state["slope_at_fire"])
+        self._slope_floor = state["slope_floor"]
+        self._floor_rows = int(state["floor_rows"])

@@ -1,0 +1,187 @@
+"""Each detector on synthetic series: fires on its spike, silent on a falling curve and noise."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+from detector_series import ROOT, falling_loss, run
+
+from stability.detectors import (
+    DEFAULT_DETECTORS,
+    REGISTRY,
+    Event,
+    allowed_params,
+    build_detectors,
+)
+from stability.errors import ConfigError
+
+LOSS_DETECTORS = ["loss_spike", "kill_loss_spike", "megatron_spiky", "olmo_spike"]
+
+
+def spiked(rows, at, factor, length=1, key="loss"):
+    out = [dict(r) for r in rows]
+    for r in out[at : at + length]:
+        r[key] = r[key] * factor
+    return out
+
+
+def test_registry_and_defaults():
+    assert set(DEFAULT_DETECTORS) <= set(REGISTRY)
+    for name in REGISTRY:
+        (det,) = build_detectors([name])
+        assert det.name == name and det.requires
+        json.dumps(det.state_dict())  # JSON-serialisable from the start
+
+
+def test_build_rejects_bad_names_and_params():
+    with pytest.raises(ConfigError, match="'nope'.*one of .*loss_spike"):
+        build_detectors(["nope"])
+    with pytest.raises(ConfigError, match="at most once"):
+        build_detectors(["loss_spike", "loss_spike"])
+    with pytest.raises(ConfigError, match="'windw'.*one of .*window"):
+        build_detectors(["loss_spike"], {"loss_spike": {"windw": 3}})
+    with pytest.raises(ConfigError, match="chosen detectors"):
+        build_detectors(["loss_spike"], {"nonfinite": {}})
+    (det,) = build_detectors(["attn_logit_growth"], {"attn_logit_growth": {"horizon": 4}})
+    assert det.horizon == 4 and "transform" not in allowed_params("attn_logit_growth")
+
+
+def test_loss_spike_fires_on_a_jump_during_the_steep_fall():
+    rows = falling_loss(400)
+    # step 60: the loss is still falling ~1%/step; a rolling median would sit ~15% too high
+    events = run(build_detectors(["loss_spike"])[0], spiked(rows, 60, 1.3))
+    assert [(e.step, e.kind, e.severity) for e in events] == [(60, "spike", "warn")]
+    assert events[0].threshold < events[0].value and events[0].score > 6
+
+
+def test_loss_spike_fires_on_a_sustained_jump_within_two_steps():
+    rows = spiked(falling_loss(500), 300, 1.16, length=50)
+    events = run(build_detectors(["loss_spike"])[0], rows)
+    assert [e.step for e in events] == [302]  # one event for the whole 50-step incident
+
+
+def test_loss_spike_ignores_a_single_hard_batch():
+    rows = spiked(falling_loss(500), 300, 1.12)
+    assert run(build_detectors(["loss_spike"])[0], rows) == []
+
+
+@pytest.mark.parametrize("name", sorted({*LOSS_DETECTORS, "grad_norm_spike", *DEFAULT_DETECTORS}))
+def test_silent_on_a_clean_falling_curve(name):
+    for seed in range(3):
+        assert run(build_detectors([name])[0], falling_loss(1200, seed=seed)) == []
+
+
+@pytest.mark.parametrize("name", [*LOSS_DETECTORS, "grad_norm_spike"])
+def test_silent_on_stationary_noise(name):
+    rng = random.Random(1)
+    rows = [
+        {
+            "step": t,
+            "loss": 2.5 * (1 + rng.gauss(0, 0.02)),
+            "grad_norm": math.exp(rng.gauss(0, 0.1)),
+        }
+        for t in range(1500)
+    ]
+    assert run(build_detectors([name])[0], rows) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "factor", "first"),
+    [
+        ("loss_spike", 1.5, 2200),
+        ("olmo_spike", 1.5, 2200),
+        ("megatron_spiky", 50.0, 2200),  # 10x the max of the first 100 (~10.8) = 108: x50
+        ("kill_loss_spike", 2.5, 2204),  # fifth consecutive outlier
+    ],
+)
+def test_loss_baselines_fire_on_their_spikes(name, factor, first):
+    rows = spiked(falling_loss(2300), 2200, factor, length=10)
+    events = run(build_detectors([name])[0], rows)
+    assert [e.step for e in events if e.metric == "loss"] == [first]
+
+
+def test_olmo_window_std_hides_a_spike_while_the_curve_falls():
+    rows = spiked(falling_loss(1300), 1100, 1.5, length=10)  # window 100-1100 spans the fall
+    assert [e for e in run(build_detectors(["olmo_spike"])[0], rows) if e.metric == "loss"] == []
+    assert [e.step for e in run(build_detectors(["loss_spike"])[0], rows)] == [1100]
+
+
+def test_kill_loss_spike_is_blind_to_a_short_spike():
+    rows = spiked(falling_loss(1300), 1100, 2.5, length=4)  # 4 outliers = patience: no event
+    assert run(build_detectors(["kill_loss_spike"])[0], rows) == []
+
+
+def test_olmo_spike_score_counts_every_spike_row():
+    (det,) = build_detectors(["olmo_spike"], {"olmo_spike": {"window": 100}})
+    rows = spiked(falling_loss(600), 500, 1.5, length=5)
+    events = run(det, rows)
+    assert [e.step for e in events if e.metric == "loss"] == [500]
+    assert det.spike_score("loss") == pytest.approx(5 / 500)
+    assert "spike score" in events[0].message
+
+
+def test_grad_norm_spike_fires_once_per_incident():
+    rows = spiked(falling_loss(800), 500, 8.0, length=3, key="grad_norm")
+    events = run(build_detectors(["grad_norm_spike"])[0], rows)
+    assert [(e.step, e.metric) for e in events] == [(500, "grad_norm")]
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("attn_logit_growth", "attn_logit_max"),
+        ("update_ratio_growth", "update_ratio_max"),
+        ("logsumexp_drift", "logsumexp_mean"),
+    ],
+)
+def test_leading_detectors_fire_on_fast_growth_before_the_loss_moves(name, key):
+    rows = falling_loss(600)
+    for i, r in enumerate(rows[400:420]):  # exponential growth, x8 (or +15 nats) in 20 steps
+        grow = (math.exp(i / 6.7) - 1) / (math.exp(20 / 6.7) - 1)
+        r[key] = r[key] + 15 * grow if key == "logsumexp_mean" else r[key] * 8**grow
+    rows = spiked(rows, 420, 1.5, length=30)  # the loss blows up after the growth
+    lead = run(build_detectors([name])[0], rows)
+    loss = run(build_detectors(["loss_spike"])[0], rows)
+    assert lead and lead[0].kind == "leading" and 405 <= lead[0].step < loss[0].step == 420
+
+
+def test_leading_jump_fires_on_one_row():
+    rows = spiked(falling_loss(300), 200, 50.0, length=20, key="update_ratio_max")
+    events = run(build_detectors(["update_ratio_growth"])[0], rows)
+    assert [e.step for e in events] == [200]
+
+
+def test_missing_keys_and_gaps_in_steps_are_fine():
+    rows = falling_loss(3000)[::5]  # logged every 5 steps
+    for r in rows[::7]:
+        del r["attn_logit_max"]
+    dets = build_detectors(list(REGISTRY))
+    assert [e for d in dets for e in run(d, rows)] == []
+    rows = spiked(rows, 300, 1.5, length=10)  # step 1500, sustained
+    events = run(build_detectors(["loss_spike"])[0], rows)
+    assert [e.step for e in events] == [1500]
+    assert run(build_detectors(["loss_spike"])[0], [{"step": 1}, {"step": 2, "lr": 1.0}]) == []
+
+
+def test_event_json_round_trip():
+    ev = Event(3, "nonfinite", "loss", math.nan, math.nan, math.inf, "error", "nonfinite")
+    row = json.loads(json.dumps(ev.to_json()))
+    assert list(row) == [
+        "step", "detector", "metric", "value", "threshold", "score", "severity", "kind",
+        "action", "message",
+    ]  # fmt: skip
+    back = Event.from_json(row)
+    assert back.step == 3 and math.isnan(back.value) and back.score == math.inf
+    assert ev.with_action("stop").action == "stop" and ev.action == ""
+
+
+def test_detectors_never_import_torch():
+    code = "import sys, stability.detectors, stability.detect; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
