@@ -34,8 +34,9 @@ class SkipGuard:
     """Decides on the device whether this step's update is skipped.
 
     A step is skipped when the loss or the grad norm is not finite, or (``spikes``) when either
-    exceeds mean + z * std of the last ``window`` non-skipped steps (OLMo-core's rule; at least
-    10 steps of history). Skipped values never enter the history.
+    exceeds mean + z * std of the last ``window`` steps (OLMo-core's rule; at least 10 steps of
+    history). Finite values enter the history even when skipped, as in OLMo-core: a lasting
+    level shift is absorbed within a few steps instead of skipping every step after it.
     """
 
     def __init__(self, window: int, zscore: float, spikes: bool, device: torch.device) -> None:
@@ -55,9 +56,10 @@ class SkipGuard:
             var = torch.nansum((self.history - mean[:, None]).square(), dim=1) / n.clamp(min=2)
             spike = (n >= 10) & (values > mean + self.zscore * var.sqrt())
             skip = skip | spike.any()
+        finite = torch.isfinite(values).all()
         slot = self.count % self.window
-        self.history[:, slot] = torch.where(skip, self.history[:, slot], values)
-        self.count += (~skip).long()
+        self.history[:, slot] = torch.where(finite, values, self.history[:, slot])
+        self.count += finite.long()
         return skip
 
     def state_dict(self) -> dict:

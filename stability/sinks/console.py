@@ -33,8 +33,8 @@ class ConsoleProgress(Callback):
             return
         self._last_print = now
         tps = row.get("tokens_per_s", 0.0)
-        step_time = row.get("step_time", 0.0)
-        eta = (self.total_steps - row["step"]) * step_time
+        mean_step = row.get("time", 0.0) / max(row["step"], 1)  # mean over the run: steadier
+        eta = (self.total_steps - row["step"]) * mean_step
         mfu = f" | mfu {row['mfu']:.1%}" if "mfu" in row else ""
         print(
             f"step {row['step']:>6d}/{self.total_steps} | loss {row['loss']:.4f} | "

@@ -138,11 +138,12 @@ def test_load_many_runs_fast(
             config=make_config(1e-3 * (i + 1), seed=i % 3),
             events=[make_event(100), make_event(500)],
         )
-    start = time.perf_counter()
+    # CPU time of this process, not wall time: the bound holds on a loaded machine too.
+    start = time.process_time()
     data = R.load_runs(tmp_path)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert len(data.runs) == n_runs and len(data.metrics) == n_runs * n_steps
-    assert elapsed < 5.0, f"loading {n_runs} runs took {elapsed:.2f} s"
+    assert elapsed < 5.0, f"loading {n_runs} runs took {elapsed:.2f} s of CPU"
 
 
 def test_trainer_diverged_status_counts(tmp_path: Path, make_run: MakeRun) -> None:

@@ -16,13 +16,21 @@ import pytest
 LAUNCHERS = Path(__file__).resolve().parents[2] / "conf" / "hydra" / "launcher"
 
 APP = """
-import json, os, sys
+import json, os, sys, time
 import hydra
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):
     keys = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
     out = {"x": cfg.x, "pid": os.getpid(), **{k: os.environ.get(k) for k in keys}}
+    # A file barrier: the two jobs see each other only if they run at the same time.
+    here = sys.path[0]
+    open(os.path.join(here, f"started-{cfg.x}"), "w").close()
+    deadline = time.time() + 60
+    while time.time() < deadline and len([f for f in os.listdir(here)
+                                          if f.startswith("started-")]) < 2:
+        time.sleep(0.05)
+    out["overlapped"] = len([f for f in os.listdir(here) if f.startswith("started-")]) == 2
     with open(os.path.join(sys.path[0], f"out-{cfg.x}.json"), "w") as f:
         json.dump(out, f)
     return cfg.x * 10
@@ -49,7 +57,7 @@ def multirun(app: Path, *overrides: str) -> list[dict]:
         cwd=app.parent,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((app.parent / f"out-{x}.json").read_text()) for x in (1, 2)]
@@ -74,5 +82,6 @@ def test_slurm_launcher_runs_a_multirun_on_the_cluster(slurm_cluster, tmp_path: 
 def test_local_launcher_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     outs = multirun(make_app(tmp_path), "hydra/launcher=local", "hydra.launcher.n_jobs=2")
-    assert len({o["pid"] for o in outs}) == 2, outs  # two worker processes, not the main one
+    assert all(o["overlapped"] for o in outs), outs  # both ran at the same time
+    assert len({o["pid"] for o in outs}) == 2, outs  # in two worker processes
     assert not any(o["SLURM_JOB_ID"] for o in outs)
