@@ -116,6 +116,9 @@ class OptimConfig:
     """Adam beta2."""
     weight_decay: float = 0.1
     """Decoupled weight decay (AdamW); never applied to norms and biases."""
+    weight_decay_lr_independent: bool = False
+    """Decay weights by weight_decay * lr_t / lr per step (lr = the peak LR), so the decay
+    strength does not change with the peak LR; false = AdamW's coupled lr_t * weight_decay."""
     embedding_weight_decay: bool = True
     """Apply weight decay to the embedding (and untied output) weights."""
     clip_grad: float = 1.0

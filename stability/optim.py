@@ -57,6 +57,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> OptimizerP
     """
     o = cfg.optim
     decay_steps = o.decay_steps or cfg.trainer.train_steps
+    # AdamW decays by lr_t * wd: wd / lr makes that wd * lr_t / lr (independent of the peak LR).
+    wd = o.weight_decay / o.lr if o.weight_decay_lr_independent else o.weight_decay
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -65,8 +67,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> OptimizerP
         lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=decay_steps,
         lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
+        start_wd=wd,
+        end_wd=wd,
         wd_incr_steps=decay_steps,
         wd_incr_style="constant",
         wsd_decay_steps=round(o.wsd_decay_fraction * decay_steps),

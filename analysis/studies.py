@@ -1,0 +1,540 @@
+"""The paper figures' studies: which sweep each runs, at which scale, and what it claims.
+
+A study has one or more parts; a part is a named sweep of ``sweeps/`` (``+sweep=NAME``) plus,
+per scale, the overrides that size it (seeds, LR grid, steps, regime): Hydra's override grammar,
+comma lists swept as the basic sweeper sweeps them (a key swept in the sweep file and given here
+takes the value given here).
+
+:func:`plan` expands every study into jobs, composes each job's config (:class:`Composer`), and
+names its run directory after the resolved config (a hash), so that a run two studies need (the
+GPT baseline of ``gpt_vs_llama2``, ``qk_norm``, ``norm_placement``, ...) is trained once. A plan
+of ~400 jobs takes ~15 s of CPU to compose, so it is cached under ``<runs>/.plans/``, keyed by the
+contents of ``conf/``, ``sweeps/``, the config schema and the study definitions below.
+
+This module composes configs (Hydra, ``stability.config``) but never imports the training loop
+or torch; the figures (:mod:`analysis.figures`) read only run directories.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEPS_DIR = REPO / "sweeps"
+
+# --- scales ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Where and how big: overrides every run of the scale gets, and how runs are launched.
+
+    Attributes:
+        name: ``cpu`` or ``gpu``.
+        common: Overrides of every run (thread count, device, no checkpoints, quiet console).
+        launcher: Hydra overrides of the multirun that trains missing runs (the default
+            launcher; ``--launcher`` replaces it).
+        env: Environment of the training processes.
+    """
+
+    name: str
+    common: tuple[str, ...]
+    launcher: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+# glibc returns freed blocks above 128 KiB-32 MiB to the kernel at once, so every step maps and
+# zero-fills the (vocab x tokens) logits buffers again: with these, a tiny CPU run spent 1.5 s
+# instead of 16 s of 46 s of CPU in the kernel (60 steps, measured here).
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 32),
+    "MALLOC_TOP_PAD_": str(1 << 28),
+}
+_QUIET = ("logger.console=false", "logger.wandb.mode=disabled", "checkpoint.interval=0",
+          "checkpoint.save_final=false")
+
+SCALES = {
+    # Two single-threaded runs at a time on a 2-core machine.
+    "cpu": Scale("cpu", ("trainer.device=cpu", "trainer.threads=1", *_QUIET),
+                 ("hydra/launcher=local", "hydra.launcher.n_jobs=2"), MALLOC_ENV),
+    # One H100: eight small runs share it (one alone leaves it mostly idle: launch-bound).
+    "gpu": Scale("gpu", ("trainer.device=cuda", *_QUIET),
+                 ("hydra/launcher=local", "hydra.launcher.n_jobs=8")),
+}
+
+KEY_EXCLUDED = ("logger", "checkpoint", "trainer.threads", "hydra")
+"""Config keys that do not change what a run computes: left out of the run's identity."""
+
+# --- studies --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One sweep of a study: a sweep file of ``sweeps/`` and, per scale, the overrides that
+    size it (override grammar; comma lists are swept, a key the sweep file sweeps takes the
+    value given here). ``sweep=None``: the overrides alone define the grid."""
+
+    sweep: str | None
+    scales: Mapping[str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class Study:
+    """One paper figure: its sweeps, and the published claim it tests.
+
+    Attributes:
+        name: Figure name (``FIGURE.png``).
+        title: One line: what the figure shows.
+        claim: The published claim, in one or two sentences.
+        source: Where it was claimed.
+        grids: Part name -> :class:`Grid`; most studies have one part, ``main``.
+    """
+
+    name: str
+    title: str
+    claim: str
+    source: str
+    grids: Mapping[str, Grid]
+
+    def scales(self) -> set[str]:
+        """Scales every part of the study is defined for."""
+        return set.intersection(*(set(g.scales) for g in self.grids.values()))
+
+
+STUDIES: dict[str, Study] = {}
+
+
+def _add(study: Study) -> None:
+    STUDIES[study.name] = study
+
+
+def study_names() -> list[str]:
+    """Names of the studies, in the order of the paper."""
+    return list(STUDIES)
+
+
+def get(name: str) -> Study:
+    """The study of a figure; ``KeyError`` naming the known ones if there is none."""
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise KeyError(f"no study {name!r}; known: {', '.join(STUDIES)}") from None
+
+
+# --- expanding a study into jobs ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run a study needs: its overrides (as launched) and its run directory (relative)."""
+
+    overrides: tuple[str, ...]
+    subdir: str
+    steps: int
+    cost: float
+    """Relative cost (steps x tokens x a width factor), to launch the longest runs first."""
+
+
+def _sweep_params(sweep: str | None) -> dict[str, str]:
+    """``hydra.sweeper.params`` of a sweep file, as ``key -> value string``."""
+    if sweep is None:
+        return {}
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.load(SWEEPS_DIR / f"{sweep}.yaml")
+    params = OmegaConf.select(node, "hydra.sweeper.params") or {}
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def _parse(overrides: Sequence[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(list(overrides))
+
+
+def job_overrides(grid: Grid, scale: str) -> list[list[str]]:
+    """The override lists of a grid's jobs at a scale (the basic sweeper's grid semantics).
+
+    The sweep file's swept parameters, updated by the scale's overrides of the same keys, form
+    the grid; the scale's other overrides are given to every job.
+    """
+    if scale not in grid.scales:
+        raise KeyError(f"sweep {grid.sweep!r} has no {scale!r} scale")
+    params = _sweep_params(grid.sweep)
+    extra = _parse(grid.scales[scale])
+    fixed: dict[str, str] = {}  # a key given twice takes the later value
+    for o in extra:
+        key = o.get_key_element()
+        if o.is_sweep_override() or key in params:
+            params[key] = o.input_line.split("=", 1)[1]
+            fixed.pop(key, None)
+        else:
+            fixed[key] = o.input_line
+    axes = []
+    for o in _parse([f"{k}={v}" for k, v in params.items()]):
+        if o.is_sweep_override():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    head = [f"+sweep={grid.sweep}"] if grid.sweep else []
+    return [[*head, *fixed.values(), *job] for job in itertools.product(*axes)]
+
+
+def _drop(config: dict[str, Any], dotted: str) -> None:
+    node = config
+    *parents, last = dotted.split(".")
+    for p in parents:
+        node = node.get(p, {})
+        if not isinstance(node, dict):
+            return
+    node.pop(last, None)
+
+
+def run_identity(config: Mapping[str, Any]) -> str:
+    """The identity of a run: a hash of its resolved config without :data:`KEY_EXCLUDED`."""
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    for key in KEY_EXCLUDED:
+        _drop(config, key)
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _job(overrides: list[str], config: Mapping[str, Any]) -> Job:
+    m, t, d = config["model"], config["trainer"], config["data"]
+    steps = int(t["train_steps"])
+    tokens = int(t["global_batch_size"]) * int(d["seq_length"])
+    width = int(m["hidden_size"]) * (1 + int(m["num_layers"]) / 8)
+    subdir = f"{config['recipe']}-{config['size']}/{run_identity(config)}"
+    return Job(tuple(overrides), subdir, steps, steps * tokens * width)
+
+
+class Composer:
+    """Composes configs with Hydra (``stability.config``'s tree, ``conf/sweep`` -> ``sweeps``).
+
+    Hydra composes the defaults list (recipe, size, sweep files) and then applies each plain
+    ``key=value`` override with ``OmegaConf.update``. Jobs of a study differ mostly in plain
+    values, so the defaults-list part is composed once per distinct set of group overrides and
+    the values are applied here the way Hydra applies them: ~10x faster for a whole plan
+    (Hydra's compose takes ~0.2 s of CPU per job). A test checks both give the same config.
+    """
+
+    def __init__(self) -> None:
+        from hydra import initialize_config_dir
+
+        from stability.config import CONF_DIR, register_configs
+
+        register_configs()
+        self.conf_dir = Path(CONF_DIR)
+        self._ctx = initialize_config_dir(str(CONF_DIR), version_base="1.3")
+        self._ctx.__enter__()
+        self._bases: dict[tuple[str, ...], Any] = {}
+
+    def _plain(self, override: Any) -> bool:
+        """A ``key=value`` override of a config value (not a config group, not +/~/++)."""
+        from hydra.core.override_parser.types import OverrideType
+
+        key = override.key_or_group
+        return (override.type == OverrideType.CHANGE and override.package is None
+                and not override.is_sweep_override() and "/" not in key
+                and not (self.conf_dir / key).is_dir())
+
+    def __call__(self, overrides: Sequence[str], *, full: bool = False) -> dict[str, Any]:
+        """The resolved config of ``python -m stability.train OVERRIDES``; ``full``: compose
+        everything with Hydra (the reference)."""
+        from hydra import compose
+        from omegaconf import OmegaConf
+
+        if full:
+            node = compose("config", overrides=list(overrides))
+            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+        groups, values = [], []
+        for o in _parse(overrides):
+            (values if self._plain(o) else groups).append(o)
+        key = tuple(o.input_line for o in groups)
+        if key not in self._bases:
+            self._bases[key] = compose("config", overrides=list(key))
+        node = copy.deepcopy(self._bases[key])
+        for o in values:
+            OmegaConf.update(node, o.key_or_group, o.value(), merge=True)
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The jobs of some studies at one scale.
+
+    Attributes:
+        scale: Scale name.
+        jobs: Every distinct run, by run directory (relative to the runs root).
+        studies: Study name -> its run directories, each with the study's part and the
+            overrides the study gave it (``{"part": str, "overrides": [str]}``). A shared run
+            was launched with the overrides of the first study that needed it (``jobs``).
+    """
+
+    scale: str
+    jobs: dict[str, Job]
+    studies: dict[str, dict[str, dict[str, Any]]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "studies": self.studies,
+                "jobs": {k: {"overrides": list(j.overrides), "steps": j.steps, "cost": j.cost}
+                         for k, j in self.jobs.items()}}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Plan:
+        jobs = {k: Job(tuple(v["overrides"]), k, int(v["steps"]), float(v["cost"]))
+                for k, v in obj["jobs"].items()}
+        return cls(obj["scale"], jobs, {k: dict(v) for k, v in obj["studies"].items()})
+
+
+def _files_digest(paths: Iterable[Path]) -> str:
+    h = hashlib.sha1()
+    for path in sorted(paths):
+        h.update(path.relative_to(REPO).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def plan_digest(names: Sequence[str], scale: str) -> str:
+    """Hash of everything a plan depends on: config tree, sweeps, schema, study definitions."""
+    conf = [p for p in (REPO / "conf").rglob("*.yaml") if "sweep" not in p.relative_to(
+        REPO / "conf").parts[:1]]
+    files = [*conf, *SWEEPS_DIR.rglob("*.yaml"), REPO / "stability" / "config.py",
+             REPO / "stability" / "data" / "config.py"]
+    h = hashlib.sha1(_files_digest(p for p in files if p.is_file()).encode())
+    h.update(json.dumps([SCALES[scale].common, *(
+        [n, {k: [g.sweep, list(g.scales[scale])] for k, g in STUDIES[n].grids.items()}]
+        for n in names)]).encode())
+    return h.hexdigest()[:16]
+
+
+def plan(names: Sequence[str], scale: str, runs_root: str | os.PathLike | None = None,
+         progress: Any = None) -> Plan:
+    """Expand studies into jobs and name their run directories (cached under runs_root).
+
+    Args:
+        names: Study names.
+        scale: ``cpu`` or ``gpu``.
+        runs_root: Where the plan cache lives (``<runs_root>/.plans/``); None = no cache.
+        progress: Called with a message while composing (it takes seconds).
+    """
+    for name in names:
+        if scale not in get(name).scales():
+            raise KeyError(f"study {name!r} is not defined at scale {scale!r}")
+    cache = None
+    if runs_root is not None:
+        cache = Path(runs_root) / ".plans" / f"{scale}-{plan_digest(names, scale)}.json"
+        if cache.is_file():
+            return Plan.from_json(json.loads(cache.read_text()))
+    common = list(SCALES[scale].common)
+    per_study = {n: [(part, o) for part, grid in STUDIES[n].grids.items()
+                     for o in job_overrides(grid, scale)] for n in names}
+    distinct = list(dict.fromkeys(tuple(o) for jobs in per_study.values() for _, o in jobs))
+    if progress:
+        progress(f"composing {len(distinct)} configs ({', '.join(names)})")
+    composer = Composer()
+    try:
+        made = {o: _job(list(o), composer([*common, *o])) for o in distinct}
+    finally:
+        composer.close()
+    jobs: dict[str, Job] = {}
+    studies: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, overrides in per_study.items():
+        dirs: dict[str, dict[str, Any]] = {}
+        for part, o in overrides:
+            job = made[tuple(o)]
+            jobs.setdefault(job.subdir, job)
+            dirs.setdefault(job.subdir, {"part": part, "overrides": list(o)})
+        studies[name] = dirs
+    result = Plan(scale, jobs, studies)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result.to_json(), indent=1))
+        os.replace(tmp, cache)
+    return result
+
+
+# --- the studies ----------------------------------------------------------------------------
+
+
+def _lrs(*values: float) -> str:
+    return "optim.lr=" + ",".join(f"{v:g}" for v in values)
+
+
+SEEDS = "trainer.seed=1,2,3"
+
+# CPU: the tiny model (d=64, 2 layers, 4 heads, 8k vocabulary), batch 8 x 64 tokens, 100 steps,
+# two single-threaded runs at a time (~0.15 s a step). The bases are the ablation's
+# (sweeps/ablation/gpt.yaml, llama2.yaml): GPT with min LR 1e-4 and warmup 10%, Llama2 with min
+# LR 1e-3 and warmup 5.8%, so that every study's GPT or Llama2 run at an LR is the ablation's run
+# (trained once).
+CPU = ("data.seq_length=64", "trainer.train_steps=100")
+CPU_GPT = (*CPU, "recipe=gpt", "optim.min_lr=1e-4")
+CPU_LLAMA2 = (*CPU, "recipe=llama2", "optim.min_lr=1e-3", "optim.warmup_steps=6")  # 5.8%
+CPU_LRS = _lrs(1e-2, 3e-2, 1e-1, 3e-1)
+CPU_ABLATION_LRS = _lrs(1e-2, 3e-2, 1e-1)  # 16 variants: the grid the budget allows
+
+# One H100 (estimated from FLOPs, not measured: <= 10 min per study with 8 runs sharing the
+# GPU): d=256, 4 layers (size=small), batch 32 x 256 tokens, 400 steps.
+GPU = ("size=small", "data.seq_length=256", "trainer.global_batch_size=32",
+       "trainer.micro_batch_size=32", "trainer.train_steps=400")
+GPU_GPT = (*GPU, "recipe=gpt", "optim.min_lr=1e-4")
+GPU_LLAMA2 = (*GPU, "recipe=llama2", "optim.min_lr=1e-3", "optim.warmup_steps=23")
+GPU_LRS = _lrs(3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+GPU_ABLATION_LRS = _lrs(3e-3, 3e-2, 3e-1)
+
+# The regime that separates the recipes (the second pilot's, DESIGN.md; sweeps/gpt_vs_llama2.yaml):
+# no clipping, weight decay 1e-4 independent of the peak LR, warmup 40 of an 800-step cosine
+# (min LR 1e-4 for both recipes, so that the ablation's GPT runs here are these). With the 8k
+# vocabulary it separates them from LR 0.5 up: GPT's output logits blow up, Llama2's do not.
+SEPARATING = ("optim.clip_grad=0", "optim.weight_decay=1e-4",
+              "optim.weight_decay_lr_independent=true", "optim.warmup_steps=40",
+              "optim.decay_steps=800", "optim.min_lr=1e-4")
+CPU_SEP = (*CPU, *SEPARATING, "model.hidden_size=64", "model.num_layers=2",
+           "model.qk_layernorm=false")
+GPU_SEP = (*GPU, *SEPARATING, "model.hidden_size=256", "model.num_layers=4",
+           "model.qk_layernorm=false")
+
+
+SEPARATING_VARIANTS = ("+sweep/ablation=gpt,gpt+rmsnorm,gpt+scaled_embedding,gpt+z_loss,gpt+eps,"
+                       "gpt+init_std,gpt+arch,llama2")
+
+
+def _main(sweep: str | None, cpu: tuple[str, ...], gpu: tuple[str, ...]) -> dict[str, Grid]:
+    return {"main": Grid(sweep, {"cpu": cpu, "gpu": gpu})}
+
+
+_add(Study(
+    "gpt_vs_llama2",
+    "Final loss against peak LR for the GPT and Llama2 recipes, over seeds",
+    "LLM-jp's 172B run replaced the GPT-style recipe of its 175B run, which suffered loss "
+    "spikes, with a Llama2-style recipe and trained without them: the Llama2 recipe is the more "
+    "stable one (and reaches a lower loss).",
+    "LLM-jp talk (seeds/); LLM-jp-3 report",
+    {"main": Grid("ablation", {
+        "cpu": (*CPU, SEEDS, CPU_LRS, "+sweep/ablation=gpt,llama2"),
+        "gpu": (*GPU, SEEDS, GPU_LRS, "+sweep/ablation=gpt,llama2")}),
+     "separating": Grid("gpt_vs_llama2", {
+         "cpu": (*CPU_SEP, SEEDS, _lrs(0.3, 0.5, 1.0)),
+         "gpu": (*GPU_SEP, SEEDS, _lrs(0.3, 0.5, 1.0))})},
+))
+_add(Study(
+    "norm_placement",
+    "Pre-LN, post-LN and sandwich-LN: final loss against peak LR (GPT recipe)",
+    "Post-LN transformers diverge or stall at large learning rates without long warmup; "
+    "pre-LN trains stably; sandwich-LN (an extra norm on each branch output) is more stable "
+    "still.",
+    "Xiong et al. 2020 (On Layer Normalization in the Transformer Architecture); Ding et al. "
+    "2021 (CogView)",
+    _main("norm_placement", (*CPU_GPT, SEEDS, CPU_LRS), (*GPU_GPT, SEEDS, GPU_LRS)),
+))
+_add(Study(
+    "qk_norm",
+    "QK-layernorm: max attention logit and final loss against peak LR (GPT recipe)",
+    "Without QK-layernorm, attention logits grow with the learning rate until attention "
+    "collapses and training becomes unstable; QK-layernorm removes the growth and lowers LR "
+    "sensitivity.",
+    "Dehghani et al. 2023 (ViT-22B); Wortsman et al. 2023 (Small-scale proxies)",
+    _main("qk_norm", (*CPU_GPT, SEEDS, CPU_LRS), (*GPU_GPT, SEEDS, GPU_LRS)),
+))
+_add(Study(
+    "z_loss",
+    "z-loss: output logsumexp and max |logit| over steps, with and without (GPT recipe)",
+    "At high learning rates the output logits diverge (their logsumexp drifts away from 0); "
+    "z-loss 1e-4 keeps logsumexp near 0 and prevents that divergence.",
+    "Chowdhery et al. 2022 (PaLM); Wortsman et al. 2023",
+    {"separating": Grid("z_loss", {
+        "cpu": (*CPU_SEP, SEEDS, "optim.lr=1.0", "loss.z_loss=0,1e-4"),
+        "gpu": (*GPU_SEP, SEEDS, "optim.lr=1.0", "loss.z_loss=0,1e-4")}),
+     "main": Grid("z_loss", {
+         "cpu": (*CPU_GPT, SEEDS, "optim.lr=0.1", "loss.z_loss=0,1e-4"),
+         "gpu": (*GPU_GPT, SEEDS, "optim.lr=0.1", "loss.z_loss=0,1e-4")})},
+))
+_add(Study(
+    "spike_no_more",
+    "Embeddings plain, scaled by sqrt(d), layernormed: loss, grad norm and spikes (GPT recipe)",
+    "Embeddings with a small norm make gradient spikes and loss spikes likely; scaling them by "
+    "sqrt(d) or normalising them keeps their norm near 1 and prevents the spikes.",
+    "Takase et al. 2023 (Spike No More)",
+    _main("spike_no_more", (*CPU_SEP, SEEDS, _lrs(0.5, 1.0)),
+          (*GPU_SEP, SEEDS, _lrs(0.5, 1.0))),
+))
+_add(Study(
+    "adam_eps",
+    "Adam epsilon 1e-8, 1e-6, 1e-5 (Llama2 recipe): stability over LRs and learning speed",
+    "Adam eps 1e-5 (LLM-jp 172B) damps the updates of parameters with small gradients: it buys "
+    "stability but slows learning, so LLM-jp-3 172B and OLMo 2 went back to 1e-8.",
+    "LLM-jp-3 report; OLMo 2 (Team OLMo 2024); Wortsman et al. 2023",
+    _main("adam_eps", (*CPU_LLAMA2, SEEDS, CPU_ABLATION_LRS, "optim.eps=1e-8,1e-6,1e-5"),
+          (*GPU_LLAMA2, SEEDS, GPU_ABLATION_LRS, "optim.eps=1e-8,1e-6,1e-5")),
+))
+_add(Study(
+    "init_std",
+    "Init std 0.005 vs 0.02, with and without scaled embeddings: final loss against LR (GPT)",
+    "GPT's small init (std 0.005) with plain embeddings leaves the embeddings' norm tiny, the "
+    "condition for loss spikes; the Llama2 recipe's std 0.02 with embeddings scaled by sqrt(d) "
+    "is the stable choice.",
+    "Takase et al. 2023 (Spike No More); LLM-jp talk (seeds/)",
+    _main("init_std", (*CPU_GPT, SEEDS, CPU_ABLATION_LRS, "model.init_std=0.005,0.02",
+                       "model.scaled_embedding=false,true"),
+          (*GPU_GPT, SEEDS, GPU_ABLATION_LRS, "model.init_std=0.005,0.02",
+           "model.scaled_embedding=false,true")),
+))
+_add(Study(
+    "width_scaling",
+    "Instability onset LR and LR sensitivity as the model widens (GPT recipe)",
+    "Without QK-layernorm the learning rate at which training becomes unstable falls, and LR "
+    "sensitivity grows, as models get wider.",
+    "Wortsman et al. 2023 (Small-scale proxies)",
+    # Where instability shows at this scale: no clipping, LR-independent weight decay (with
+    # clipping, no width diverged up to LR 0.3 in 100 steps).
+    _main("width_scaling", (*CPU_SEP, SEEDS, _lrs(0.1, 0.3, 0.5, 1.0), "recipe=gpt",
+                            "model.hidden_size=32,64,128"),
+          (*GPU_SEP, SEEDS, _lrs(0.1, 0.3, 0.5, 1.0), "recipe=gpt",
+           "model.hidden_size=128,256,512")),
+))
+_add(Study(
+    "ablation",
+    "Each change of the recipe table applied alone to GPT and removed alone from Llama2",
+    "Each change of LLM-jp's recipe table (RMSNorm, scaled embeddings, z-loss, Adam eps 1e-5, "
+    "init std 0.02, LR and warmup, Llama architecture) was adopted for the 172B run's "
+    "stability: applied to the GPT recipe it should lower LR sensitivity, removed from the "
+    "Llama2 recipe it should raise it.",
+    "LLM-jp talk (seeds/)",
+    {"main": Grid("ablation", {"cpu": (*CPU, SEEDS, CPU_ABLATION_LRS),
+                               "gpu": (*GPU, SEEDS, GPU_ABLATION_LRS)}),
+     # Which change alone keeps GPT from blowing up where the recipes separate (LR 1.0)?
+     # (lr_warmup is left out: the regime sets warmup and min LR.)
+     "separating": Grid("ablation", {
+         "cpu": (*CPU_SEP, SEEDS, "optim.lr=1.0", SEPARATING_VARIANTS),
+         "gpu": (*GPU_SEP, SEEDS, "optim.lr=1.0", SEPARATING_VARIANTS)})},
+))
+_add(Study(
+    "spike_timeline",
+    "A loss curve with every detector event marked: an injected LR spike, a real blow-up",
+    "Our bar (DESIGN.md): every loss spike that matters is flagged within 2 steps of its onset, "
+    "with no false alarm on the clean stretch before it.",
+    "DESIGN.md (spike detection); OLMo-core, Megatron-LM and PaLM practice",
+    {"main": Grid("spike_timeline", {
+        "cpu": (*CPU_GPT, SEEDS),
+        "gpu": (*GPU_GPT, SEEDS, "fault.at_step=250")}),
+     "genuine": Grid("gpt_vs_llama2", {
+         "cpu": (*CPU_SEP, "recipe=gpt", "optim.lr=1.0", "trainer.seed=1"),
+         "gpu": (*GPU_SEP, "recipe=gpt", "optim.lr=1.0", "trainer.seed=1")})},
+))
