@@ -47,6 +47,7 @@ class Monitors(Callback):
         self._updates = False
         self._full = False
         self._before: list[torch.Tensor] | None = None
+        self._causal_biases: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
     def on_train_start(self, trainer) -> None:
@@ -77,16 +78,24 @@ class Monitors(Callback):
         def hook(module, args):
             if not self._capture_attention or index in self._attention:
                 return
-            query, key = args[0][:, :1], args[1][:, :1]  # [s, 1, heads, d], [s, 1, groups, d]
+            query, key = args[0][:, 0], args[1][:, 0]  # [s, heads, d], [s, groups, d]
             with torch.no_grad():
-                q = query[:, 0].transpose(0, 1).float()  # [heads, s, d]
-                k = key[:, 0].transpose(0, 1).float()
-                k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-                scores = q @ k.transpose(1, 2) * module.softmax_scale
-                causal = torch.ones(scores.shape[-2:], dtype=torch.bool,
-                                    device=scores.device).tril()
-                self._attention[index] = scores.masked_fill(~causal, float("-inf")).amax()
+                q = query.transpose(0, 1).float()  # [heads, s, d]
+                k = key.transpose(0, 1).float()
+                if k.shape[0] != q.shape[0]:  # grouped-query attention: heads share a group
+                    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
+                scores = torch.baddbmm(self._causal_bias(q.shape[1], q.device), q,
+                                       k.transpose(1, 2), alpha=module.softmax_scale)
+                self._attention[index] = scores.amax()
         return hook
+
+    def _causal_bias(self, length: int, device: torch.device) -> torch.Tensor:
+        """-inf above the diagonal, 0 elsewhere; built once per length."""
+        bias = self._causal_biases.get(length)
+        if bias is None:
+            bias = torch.full((length, length), float("-inf"), device=device).triu(1)
+            self._causal_biases[length] = bias
+        return bias
 
     def _embedding_hook(self, trainer):
         def hook(module, args, output):
@@ -127,7 +136,7 @@ class Monitors(Callback):
         self._capture_attention = False
         if self._before is not None:
             after = [p.detach()[rows] for p, rows in zip(trainer.params, self._rows)]
-            deltas = self._per_layer([a - b for a, b in zip(after, self._before)])
+            deltas = self._per_layer(torch._foreach_sub(after, self._before))
             norms = self._per_layer(self._before)
             ratio = (_sum_over_model_parallel(deltas) /
                      _sum_over_model_parallel(norms).clamp(min=1e-30)).sqrt()
@@ -140,13 +149,18 @@ class Monitors(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _per_layer(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
-        """Sum of squares per layer over this rank's (non-duplicate) tensors."""
-        device = next(t.device for t in tensors if t is not None)
-        out = torch.zeros(self.num_layers, device=device)
-        for t, layer, counted in zip(tensors, self._layer_of, self._counted, strict=True):
-            if t is not None and layer >= 0 and counted:
-                out[layer] += t.float().square().sum()
-        return out
+        """Sum of squares per layer over this rank's (non-duplicate) tensors.
+
+        One fused norm over the list and one scatter-add: a Python loop of small ops per
+        parameter cost more than the statistics themselves.
+        """
+        chosen = [(t, layer) for t, layer, counted in
+                  zip(tensors, self._layer_of, self._counted, strict=True)
+                  if t is not None and layer >= 0 and counted]
+        device = chosen[0][0].device
+        norms = torch.stack(torch._foreach_norm([t.float() for t, _ in chosen]))
+        index = torch.tensor([layer for _, layer in chosen], device=device)
+        return torch.zeros(self.num_layers, device=device).index_add_(0, index, norms.square())
 
     @staticmethod
     def _adam_v_below_eps(optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -156,7 +170,8 @@ class Monitors(Callback):
             for p in group["params"]:
                 state = optimizer.state.get(p)
                 if state and "exp_avg_sq" in state:
-                    below.append((state["exp_avg_sq"].sqrt() < eps).sum())
+                    # sqrt(v) < eps  <=>  v < eps^2 (v >= 0): one pass, no sqrt buffer.
+                    below.append((state["exp_avg_sq"] < eps * eps).sum())
                     total += state["exp_avg_sq"].numel()
         if not below:
             return torch.zeros(())
