@@ -74,11 +74,16 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the input embedding and the output layer."""
     attention_backend: str = "auto"
-    """auto (flash-attn > SDPA) | sdpa | local (megatron's DotProductAttention) | flash | te."""
+    """auto (Transformer Engine > flash-attn > SDPA, by what is installed; TE and flash-attn on
+    GPU only) | sdpa | local (megatron's DotProductAttention) | flash | te (TE's layer spec)."""
     hidden_dropout: float = 0.0
     """Dropout on residual branches."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
+    cpu_initialization: bool | None = None
+    """Draw the initial weights on the CPU and then move them; None = on CPU runs only. true on
+    a GPU starts from exactly the weights of the CPU run with the same seed (parity checks);
+    slow for large models."""
     vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times the tensor-parallel size (Megatron)."""
 
@@ -124,7 +129,9 @@ class OptimConfig:
     clip_grad: float = 1.0
     """Clip the global grad norm to this value; 0 = off."""
     distributed: bool = False
-    """GPU only: megatron-core's distributed optimizer (sharded optimizer state)."""
+    """GPU only: megatron-core's distributed optimizer (optimizer state and fp32 master weights
+    sharded over data parallel). GPU runs always use megatron-core's DDP and optimizer; CPU runs
+    torch DDP and AdamW."""
 
 
 @dataclass
@@ -142,7 +149,9 @@ class TrainerConfig:
     device: str = "auto"
     """auto (cuda when available) | cpu | cuda."""
     precision: str = "auto"
-    """auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16."""
+    """auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16. bf16 (GPU only) keeps bf16 weights for the
+    matmuls, fp32 master weights and gradient reduction in the optimizer, and fp32 softmax,
+    logsumexp and loss."""
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
     log_interval: int = 1
@@ -335,6 +344,52 @@ def steps_fraction(steps: int, fraction: float) -> int:
     return round(float(fraction) * int(steps))
 
 
+def resolve_device_type(device: str) -> str:
+    """``trainer.device`` as it will run: auto is cuda when a GPU is visible."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_precision(precision: str, device: Any) -> str:
+    """``trainer.precision`` as it will run on ``device`` (a torch.device or its type name)."""
+    device_type = getattr(device, "type", device)
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def _validate_device(cfg: Config) -> None:
+    """What the device allows: bf16, megatron's distributed optimizer and the fused attention
+    backends need a GPU (and the backend's package)."""
+    t, m = cfg.trainer, cfg.model
+    device = resolve_device_type(t.device)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device", t.device, "auto or cpu (no CUDA device visible)")
+    if device == "cpu" and resolve_precision(t.precision, device) == "bf16":
+        raise ConfigError("trainer.precision", t.precision,
+                          "fp32 or auto on the CPU (bf16 mixed precision needs a GPU)")
+    if device == "cpu" and cfg.optim.distributed:
+        raise ConfigError("optim.distributed", True,
+                          "false on the CPU (megatron's distributed optimizer needs a GPU)")
+    if device == "cuda" and not cfg.optim.embedding_weight_decay:
+        raise ConfigError("optim.embedding_weight_decay", False,
+                          "true on GPU (megatron's optimizer decays the embedding)")
+    if m.attention_backend in ("te", "flash"):
+        from stability.model.backends import backend_available
+
+        if device == "cpu" or not backend_available(m.attention_backend):
+            package = "transformer-engine" if m.attention_backend == "te" else "flash-attn"
+            raise ConfigError("model.attention_backend", m.attention_backend,
+                              f"auto, sdpa or local ({m.attention_backend} needs a GPU and "
+                              f"{package})")
+
+
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, "one of " + ", ".join(allowed))
@@ -422,6 +477,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                               "null unless parallel.pipeline >= 2")
         _divisible("model.num_layers", m.num_layers, "parallel.pipeline * virtual_pipeline",
                    p.pipeline * p.virtual_pipeline)
+        # megatron's interleaved schedule wants one model chunk per virtual stage; the trainer
+        # holds one chunk per rank (docs/gpu.md).
+        raise ConfigError("parallel.virtual_pipeline", p.virtual_pipeline,
+                          "null (interleaved virtual stages are not wired into the trainer yet)")
     _divisible("world size", world_size, "parallel.tensor * parallel.pipeline",
                p.tensor * p.pipeline)
     dp = world_size // (p.tensor * p.pipeline)
@@ -455,6 +514,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _positive("fault.at_step", f.at_step)
         _positive("fault.duration", f.duration)
         _positive("fault.magnitude", f.magnitude)
+
+    _validate_device(cfg)
 
     _positive("checkpoint.interval", cfg.checkpoint.interval, zero_ok=True)
     _one_of("checkpoint.resume", cfg.checkpoint.resume, ("auto", "never"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 
-import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
@@ -58,15 +57,6 @@ class SDPAttention(MegatronModule):
             )
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
 
-
-
-def flash_attn_available() -> bool:
-    """True when the flash-attn package is importable (GPU installs only)."""
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 class FlashAttention(SDPAttention):

@@ -26,7 +26,9 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
                        bf16: bool = False) -> TransformerConfig:
     """megatron-core's TransformerConfig for our model and parallel settings."""
     m, p = cfg.model, cfg.parallel
-    on_gpu = torch.cuda.is_available()
+    cpu_init = m.cpu_initialization
+    if cpu_init is None:
+        cpu_init = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -54,12 +56,14 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         params_dtype=params_dtype,
         bf16=bf16,
         # Initialise the full matrices on CPU and then shard them: a TP=2 model starts from
-        # exactly the weights of the TP=1 model (parity tests), whatever the device.
-        use_cpu_initialization=not on_gpu,
+        # exactly the weights of the TP=1 model (parity tests). On GPU only when asked
+        # (model.cpu_initialization): slow for large models.
+        use_cpu_initialization=cpu_init,
         perform_initialization=True,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        # Fusions need CUDA kernels (and apex); the GPU path turns the available ones back on.
+        # Fusions need CUDA kernels (apex or TE); off on both paths, so that every knob builds
+        # the same modules (the TE spec fuses the norms into its linears on its own).
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -126,7 +130,8 @@ def build_model(cfg: Config, vocab_size: int, *, params_dtype: torch.dtype = tor
     """The model chunk of this rank (its pipeline stage and tensor shard)."""
     m = cfg.model
     config = transformer_config(cfg, params_dtype=params_dtype, bf16=bf16)
-    layer = layer_spec(config, m.norm_position, m.qk_layernorm, m.attention_backend)
+    layer = layer_spec(config, m.norm_position, m.qk_layernorm, m.attention_backend,
+                       init_seed=cfg.trainer.seed)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)

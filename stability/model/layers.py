@@ -8,10 +8,16 @@ through the layer's bias-dropout-add (bda) submodules, so the layer itself stays
 - sandwich: input norms N, bda = residual + N'(out)       -> x + N'(F(N(x)))  (CogView, Gemma)
 
 Post-norm blocks end in a norm already, so the block gets no final norm.
+
+Two module sets: megatron-core's local modules with our core attention (SDPA, flash-attn or
+megatron's own), or Transformer Engine's (GPU), where the input norms fuse into the following
+linear layer (``TELayerNormColumnParallelLinear``) and attention is TE's fused kernel. The norm
+placement is built the same way on both; TE is imported only when its spec is asked for.
 """
 
 from __future__ import annotations
 
+import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
@@ -19,14 +25,20 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
-from stability.model.attention import FlashAttention, SDPAttention, flash_attn_available
+from stability.model.attention import FlashAttention, SDPAttention
+from stability.model.backends import resolve_attention_backend
 
 
 def build_norm(config: TransformerConfig, hidden_size: int | None = None):
@@ -66,37 +78,75 @@ class SandwichNormAdd(MegatronModule):
         return apply
 
 
+class SeededTransformerLayer(TransformerLayer):
+    """megatron's TransformerLayer, initialised from its own seed, (init_seed, layer_number).
+
+    Without it a layer's initial weights depend on how many random numbers the layers built
+    before it on the same rank drew, so a pipeline stage starting at layer 3 would not get the
+    weights layer 3 gets in one process. With it every pipeline layout starts from the same
+    model (the parity tests), and the layers after a stage take the same stream too.
+    """
+
+    def __init__(self, config: TransformerConfig, *args, init_seed: int, **kwargs) -> None:
+        local = kwargs.get("layer_number", args[1] if len(args) > 1 else 1)
+        offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"))
+        torch.manual_seed(init_seed * 1000 + local + offset)  # the global layer number
+        super().__init__(config, *args, **kwargs)
+
+
 def core_attention_class(backend: str):
-    """The core-attention module for ``model.attention_backend``."""
-    if backend == "auto":
-        backend = "flash" if flash_attn_available() else "sdpa"
+    """The core-attention module of the local layer spec for ``model.attention_backend``."""
+    backend = resolve_attention_backend(backend)
     if backend == "te":
-        raise ValueError("attention_backend=te is chosen through the Transformer Engine layer "
-                         "spec (stability.model.te), not here")
+        raise ValueError("attention_backend=te is the Transformer Engine layer spec "
+                         "(layer_spec), not a core attention of the local one")
     return {"sdpa": SDPAttention, "local": DotProductAttention, "flash": FlashAttention}[backend]
 
 
 def layer_spec(config: TransformerConfig, norm_position: str, qk_layernorm: bool,
-               attention_backend: str) -> ModuleSpec:
-    """The spec of one transformer layer with megatron-core's local (non-TE) modules."""
-    backend = LocalSpecProvider()
-    input_norm = WrappedTorchNorm if norm_position in ("pre", "sandwich") else IdentityOp
-    qk_norm = WrappedTorchNorm if qk_layernorm else IdentityOp
+               attention_backend: str, init_seed: int = 0) -> ModuleSpec:
+    """The spec of one transformer layer: Transformer Engine's modules when the backend
+    resolves to te, else megatron-core's local modules with our core attention."""
+    if resolve_attention_backend(attention_backend) == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        backend = TESpecProvider()
+        core_attention = backend.core_attention()
+        qk_norm_module = backend.layer_norm(for_qk=True)
+        fuse_input_norm = norm_position in ("pre", "sandwich")
+    else:
+        backend = LocalSpecProvider()
+        core_attention = core_attention_class(attention_backend)
+        qk_norm_module = WrappedTorchNorm
+        fuse_input_norm = False
+    has_input_norm = norm_position in ("pre", "sandwich")
+    # A fused norm sits inside the linear layer; otherwise a separate one (or none, post-norm).
+    input_norm = WrappedTorchNorm if has_input_norm and not fuse_input_norm else IdentityOp
+    linear_in = (backend.column_parallel_layer_norm_linear() if fuse_input_norm
+                 else backend.column_parallel_linear())
+    qk_norm = qk_norm_module if qk_layernorm else IdentityOp
     if norm_position == "pre":
         bda = get_bias_dropout_add
     else:
         cls = PostNormAdd if norm_position == "post" else SandwichNormAdd
         bda = ModuleSpec(module=cls, params={"config": config})
+    if fuse_input_norm:
+        mlp = get_mlp_module_spec_for_backend(backend=backend)
+    else:
+        mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(
+            linear_fc1=backend.column_parallel_linear(),
+            linear_fc2=backend.row_parallel_linear()))
     return ModuleSpec(
-        module=TransformerLayer,
+        module=SeededTransformerLayer,
+        params={"init_seed": init_seed},
         submodules=TransformerLayerSubmodules(
             input_layernorm=input_norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_parallel_linear(),
-                    core_attention=core_attention_class(attention_backend),
+                    linear_qkv=linear_in,
+                    core_attention=core_attention,
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,
@@ -104,7 +154,7 @@ def layer_spec(config: TransformerConfig, norm_position: str, qk_layernorm: bool
             ),
             self_attn_bda=bda,
             pre_mlp_layernorm=input_norm,
-            mlp=get_mlp_module_spec_for_backend(backend=backend),
+            mlp=mlp,
             mlp_bda=bda,
         ),
     )

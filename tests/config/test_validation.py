@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import REPO, make_config
 
 from stability.config import validate
@@ -41,6 +42,15 @@ RULES = [
     (["checkpoint.resume=latest"], "checkpoint.resume", "auto, never"),
     (["parallel.pipeline=2", "parallel.virtual_pipeline=3"], "model.num_layers",
      "parallel.pipeline * virtual_pipeline"),
+    (["model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+     "parallel.virtual_pipeline", "null"),
+    (["trainer.precision=bf16", "trainer.device=cpu"], "trainer.precision", "needs a GPU"),
+    (["trainer.precision=fp16"], "trainer.precision", "auto, fp32, bf16"),
+    (["optim.distributed=true", "trainer.device=cpu"], "optim.distributed", "needs a GPU"),
+    (["model.attention_backend=te", "trainer.device=cpu"], "model.attention_backend",
+     "transformer-engine"),
+    (["model.attention_backend=flash", "trainer.device=cpu"], "model.attention_backend",
+     "flash-attn"),
 ]
 
 
@@ -71,6 +81,12 @@ def test_world_size_must_fit_the_model_parallel_grid():
     cfg = make_config("parallel.tensor=2")
     with pytest.raises(ConfigError, match="world size"):
         validate(cfg, world_size=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the rule is about machines without CUDA")
+def test_cuda_device_without_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="no CUDA device visible"):
+        validate(make_config("trainer.device=cuda"))
 
 
 def test_defaults_and_recipes_are_valid():
