@@ -1,20 +1,26 @@
 """The three adjustments that let megatron-core's local model run without CUDA.
 
-megatron-core assumes CUDA in three places (measured in the project notes, "megatron-core on CPU"):
+megatron-core assumes CUDA in these places (measured in the project notes, "megatron-core on CPU"):
 
-1. RoPE and the local attention allocate on ``torch.cuda.current_device()``;
+1. RoPE, the local attention and pipeline p2p allocate on ``torch.cuda.current_device()``;
 2. the tensor-parallel RNG tracker seeds and forks CUDA generators;
-3. the default causal attention mask is built on "cuda" (we always pass our own mask).
+3. the default causal attention mask is built on "cuda" (we always pass our own mask);
+4. the pipeline schedules count tokens in ``torch.zeros(..., device="cuda")`` and p2p calls
+   ``torch.cuda.synchronize()``; a tied embedding is moved with ``.cuda()`` before its first- and
+   last-stage copies are all-reduced.
 
-``apply()`` fixes 1 and 2 and is a no-op when CUDA is available, so GPU runs use megatron-core
-unchanged.
+``apply()`` fixes 1, 2 and 4 and is a no-op when CUDA is available, so GPU runs use megatron-core
+unchanged. Without CUDA the CPU is the device: "cuda" placements land there, and a
+synchronisation has nothing to wait for.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
+from megatron.core.pipeline_parallel import schedules as mcore_schedules
 from megatron.core.tensor_parallel import random as mcore_random
 
 
@@ -50,6 +56,10 @@ def apply() -> None:
     if torch.cuda.is_available():
         return
     torch.cuda.current_device = lambda: "cpu"  # RoPE buffers and attention scratch go to CPU
+    torch.cuda.synchronize = lambda device=None: None  # p2p's guard for batched send/recv
+    torch.Tensor.cuda = _stay_on_cpu  # the tied embedding's first/last-stage copy
+    if not isinstance(mcore_schedules.torch, _TorchOnCpu):
+        mcore_schedules.torch = _TorchOnCpu()  # total_num_tokens = torch.zeros(device="cuda")
     if not isinstance(mcore_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
@@ -65,3 +75,21 @@ def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
     tracker.add(mcore_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
     tracker.add(mcore_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+
+
+def _stay_on_cpu(self: torch.Tensor, device=None, non_blocking: bool = False, **kwargs):
+    return self
+
+
+class _TorchOnCpu(types.SimpleNamespace):
+    """``torch`` as megatron's pipeline schedules see it: factories asked for "cuda" give CPU
+    tensors. Only the schedules' module global is replaced; everything else is torch itself."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs) -> torch.Tensor:
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*size, device=device, **kwargs)

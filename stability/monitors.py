@@ -118,7 +118,10 @@ class Monitors(Callback):
             self._before = [p.detach()[rows] for p, rows in zip(trainer.params, self._rows)]
         if not self._full:
             return
-        squares = self._per_layer([p.grad for p in trainer.params])
+        grads = trainer.engine.grads()  # None: sharded by megatron's distributed optimizer
+        if grads is None:
+            return
+        squares = self._per_layer(grads)
         squares = _sum_over_model_parallel(squares)
         for i, value in enumerate(squares.sqrt().unbind()):
             trainer.record(f"grad_norm/layer_{i + 1}", value)

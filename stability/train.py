@@ -1,13 +1,15 @@
 """Train a megatron-core GPT model from a Hydra config: ``python -m stability.train [overrides]``.
 
-The loop is short on purpose: a step is forward/backward over the micro batches, a global grad
-norm and clip, an optimizer step; everything else (metric files, console, checkpoints, W&B,
-detectors) is a callback.
+The loop is short on purpose: a step is forward/backward over the micro batches (megatron-core's
+pipeline schedule: 1F1B across stages, plain accumulation without pipeline parallelism), a global
+grad norm and clip, an optimizer step; everything else (metric files, console, checkpoints, W&B,
+detectors) is a callback. How gradients are reduced and applied (torch on CPU, megatron-core's
+DDP and optimizer on GPU) is the engine's business (stability/engine.py).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import math
 import os
@@ -21,7 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 from omegaconf import DictConfig, OmegaConf
 
 import stability  # noqa: F401  (quiets megatron-core's import warnings)
@@ -29,17 +33,22 @@ from stability import cpu, parallel
 from stability.actions import SpikeWatch
 from stability.callbacks import Callback
 from stability.checkpoint import Checkpointer, load_latest, rng_state, set_rng_state
-from stability.config import Config, register_configs, validate
+from stability.config import Config, register_configs, resolve_precision, validate
 from stability.data import build_train_data
+from stability.engine import build_engine
 from stability.errors import ConfigError
 from stability.fault import FaultInjector
 from stability.loss import vocab_parallel_loss
 from stability.model import build_model, causal_mask
 from stability.monitors import Monitors
-from stability.optim import build_optimizer, build_scheduler, clip_grads, grad_norm
+from stability.optim import build_scheduler
 from stability.preemption import Preemption
 from stability.sinks.console import ConsoleProgress
 from stability.sinks.jsonl import JsonlWriter
+from stability.throughput import Throughput, model_flops_per_token, peak_flops
+
+# Per-step statistics of the loss, in this order (computed on the last pipeline stage).
+_LOSS_STATS = ("loss", "z_loss", "logsumexp_mean", "logit_max_abs")
 
 
 class Trainer:
@@ -64,13 +73,21 @@ class Trainer:
             cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.topology.dp_rank,
             dp_size=self.topology.dp_size, train_samples=t.train_steps * t.global_batch_size)
-        self.model = build_model(cfg, self.data.tokenizer.vocab_size).to(self.device)
+        bf16 = resolve_precision(t.precision, self.device) == "bf16"
+        vocab_size = self.data.tokenizer.vocab_size
+        self.model = build_model(cfg, vocab_size, bf16=bf16,
+                                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                 ).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ddp = self._wrap_data_parallel(self.model)
         self.callbacks: list[Callback] = list(callbacks or [])
         skippable = any(getattr(c, "needs_skippable_optimizer", False) for c in self.callbacks)
-        self.optimizer = build_optimizer(self.model, cfg.optim, skippable=skippable)
+        self.engine = build_engine(self.model, cfg, self.topology, skippable)
+        self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.forward_backward = get_forward_backward_func()
+        self.model.config.no_sync_func = self.engine.no_sync_func
+        self.throughput = Throughput(model_flops_per_token(cfg, vocab_size),
+                                     peak_flops(self.device)[0], self.topology.launch.world_size)
         self.mask = causal_mask(cfg.data.seq_length, self.device)
         self.fault = FaultInjector(cfg.fault)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.interval,
@@ -94,13 +111,6 @@ class Trainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
         cpu.seed_model_parallel_rng(seed, self.topology.tp_rank)
-
-    def _wrap_data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
-        if self.topology.dp_size == 1:
-            return model
-        return torch.nn.parallel.DistributedDataParallel(
-            model, process_group=parallel_state.get_data_parallel_group(),
-            device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, Any]:
@@ -131,20 +141,29 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over the global batch."""
         start = time.perf_counter()
+        self.throughput.step_started()
         self.step_tensors = {}
         self.scheduler.step(1)
         self.fault.step_started(self.step + 1, self.optimizer)
         self._call("on_step_start")
-        self.optimizer.zero_grad(set_to_none=True)
-        stats = [self._forward_backward(micro) for micro in range(self.accumulation)]
-        self.step_loss = self._data_parallel_mean(torch.stack([s["loss"] for s in stats]).mean())
-        self.step_grad_norm = grad_norm(self.params)
-        clip_grads(self.params, self.step_grad_norm, self.cfg.optim.clip_grad)
+        self.engine.zero_grad()
+        self._micro_stats: list[torch.Tensor] = []
+        self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=None, model=self.engine.wrapped,
+            num_microbatches=self.accumulation, seq_length=self.cfg.data.seq_length,
+            micro_batch_size=self.cfg.trainer.micro_batch_size)
+        self.engine.finish_grads()
+        stats = self._loss_statistics()
+        self.step_loss = self._data_parallel_mean(stats["loss"])
+        self.step_grad_norm = self.engine.grad_norm()
+        self.engine.clip(self.step_grad_norm, self.cfg.optim.clip_grad)
         self._call("before_optimizer_step")
-        self.optimizer.step()
+        self.engine.step()
         self.step += 1
         self.fault.step_ended(self.step)
-        self.tokens += self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
+        tokens_step = self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
+        self.tokens += tokens_step
+        self.throughput.add(tokens_step)
         step_time = time.perf_counter() - start
         self.elapsed += step_time
         self._record(stats, step_time)
@@ -152,21 +171,40 @@ class Trainer:
         if self.step % self.cfg.trainer.log_interval == 0:
             self.flush_metrics()
 
-    def _forward_backward(self, micro: int) -> dict[str, torch.Tensor]:
+    def _forward_step(self, data_iterator, model: torch.nn.Module):
+        """megatron's forward_step_func: one micro batch through this rank's stage.
+
+        Every stage draws the same micro batches (same data-parallel rank): the first stage
+        reads the tokens, the last the labels; a middle stage's input comes from its neighbour.
+        """
         batch = self.data.loader.next_micro_batch()
         batch = self.fault.batch(self.step + 1, batch, self.data.tokenizer.vocab_size)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        last = micro == self.accumulation - 1
-        use_no_sync = self.ddp is not self.model and not last
-        with self.ddp.no_sync() if use_no_sync else contextlib.nullcontext():
-            logits = self.ddp(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                              attention_mask=self.mask)
-            out = vocab_parallel_loss(logits, batch["labels"], batch["loss_mask"],
-                                      self.cfg.loss.z_loss)
-            loss = self.fault.loss(self.step + 1, out.loss)
-            (loss / self.accumulation).backward()
-        return {"loss": self.fault.loss(self.step + 1, out.cross_entropy), "z_loss": out.z_loss,
-                "logsumexp_mean": out.logsumexp_mean, "logit_max_abs": out.logit_max_abs}
+        output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                       attention_mask=self.mask)
+        return output, functools.partial(self._loss, batch)
+
+    def _loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor):
+        """Last stage: the micro batch's loss (the schedule divides it by the micro batches)."""
+        out = vocab_parallel_loss(logits, batch["labels"], batch["loss_mask"],
+                                  self.cfg.loss.z_loss)
+        self._micro_stats.append(torch.stack([
+            self.fault.loss(self.step + 1, out.cross_entropy), out.z_loss, out.logsumexp_mean,
+            out.logit_max_abs]).float())
+        return self.fault.loss(self.step + 1, out.loss), {}
+
+    def _loss_statistics(self) -> dict[str, torch.Tensor]:
+        """This step's loss statistics on every rank: means over micro batches (the maximum for
+        logit_max_abs), sent from the last pipeline stage to the others."""
+        if self._micro_stats:
+            micro = torch.stack(self._micro_stats)
+            stats = torch.cat([micro[:, :3].mean(dim=0), micro[:, 3].amax().reshape(1)])
+        else:
+            stats = torch.zeros(len(_LOSS_STATS), device=self.device)
+        if self.topology.pp_size > 1:
+            dist.broadcast(stats, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return dict(zip(_LOSS_STATS, stats.unbind(), strict=True))
 
     # ------------------------------------------------------------------ actions
     def request_stop(self, reason: str) -> None:
@@ -215,19 +253,15 @@ class Trainer:
             value /= self.topology.dp_size
         return value
 
-    def _record(self, stats: list[dict[str, torch.Tensor]], step_time: float) -> None:
+    def _record(self, stats: dict[str, torch.Tensor], step_time: float) -> None:
         """This step's row: host numbers now, device tensors until the next flush."""
         tensors = self.step_tensors  # callbacks may still add to it in on_step_end
+        tensors.update(stats)
         tensors["loss"] = self.step_loss
-        for key in ("z_loss", "logsumexp_mean"):
-            tensors[key] = torch.stack([s[key] for s in stats]).mean()
-        tensors["logit_max_abs"] = torch.stack([s["logit_max_abs"] for s in stats]).max()
         tensors["grad_norm"] = self.step_grad_norm.detach()
-        tokens_step = self.cfg.trainer.global_batch_size * self.cfg.data.seq_length
         self._pending.append({
             "step": self.step, "tensors": tensors, "lr": self.optimizer.param_groups[0]["lr"],
             "tokens": self.tokens, "time": self.elapsed, "step_time": step_time,
-            "tokens_per_s": tokens_step / max(step_time, 1e-9),
         })
 
     def flush_metrics(self) -> None:
@@ -250,9 +284,11 @@ class Trainer:
             dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=group)
             flat = torch.where(is_max, maxed, summed / self.topology.dp_size)
         values = iter(flat.tolist())  # the one host transfer
+        rates = self.throughput.interval()  # tokens/s, model FLOP/s, MFU since the last flush
         rows = []
         for pending, keys in layout:
             row = {k: v for k, v in pending.items() if k != "tensors"}
+            row.update(rates)
             row.update({k: next(values) for k in keys})
             rows.append(row)
         self._pending.clear()
@@ -273,7 +309,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "fault_done": self.fault.done,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.engine.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.data.loader.state_dict(),
             "rng": rng_state(),
@@ -287,7 +323,7 @@ class Trainer:
         self.rollbacks = state["rollbacks"]
         self.fault.done = state["fault_done"]
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -303,7 +339,9 @@ class Trainer:
             status = "diverged"
         summary = {"status": status, "steps": self.step, "final_loss": loss,
                    "tokens": self.tokens, "parameters": self.num_parameters(),
-                   "rollbacks": self.rollbacks}
+                   "rollbacks": self.rollbacks, **self.throughput.summary()}
+        if self.device.type == "cuda":
+            summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.stop_reason:
             summary["stop_reason"] = self.stop_reason
         for callback in self.callbacks:
@@ -311,10 +349,11 @@ class Trainer:
         return summary
 
     def num_parameters(self) -> int:
-        """Parameters of the whole model (all tensor and pipeline shards)."""
-        local = sum(p.numel() for p in self.params)
-        replicated = sum(p.numel() for p in self.params
-                         if not param_is_not_tensor_parallel_duplicate(p))
+        """Parameters of the whole model (all tensor and pipeline shards; a tied embedding's
+        last-stage copy is not counted again)."""
+        local = sum(p.numel() for p in self.params if param_is_not_shared(p))
+        replicated = sum(p.numel() for p in self.params if param_is_not_shared(p)
+                         and not param_is_not_tensor_parallel_duplicate(p))
         count = torch.tensor([local - replicated + replicated / self.topology.tp_size],
                              dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -50,7 +50,7 @@ SPIKE_KEYS = frozenset({
 ``attn_logit_max/layer_0``) go there too when their family (the part before the first ``/``) is
 here or in TRAIN_KEYS. Add a new monitor's key here to keep it out of ``other/``."""
 
-PERF_KEYS = frozenset({"tokens_per_s", "step_time", "mfu", "time"})
+PERF_KEYS = frozenset({"tokens_per_s", "step_time", "mfu", "model_flops_per_s", "time"})
 """Throughput and wall clock: ``perf/<key>``."""
 
 STEP_KEY = "step"
@@ -124,6 +124,11 @@ def _float(value: Any) -> float:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, int | float) else str(value)
+
+
+def _run_throughput(trainer) -> dict[str, float]:
+    throughput = getattr(trainer, "throughput", None)
+    return throughput.summary() if throughput is not None else {}
 
 
 def validate_wandb(cfg: WandbConfig) -> None:
@@ -218,6 +223,8 @@ class WandbSink(Callback):
             "status": status, "final_loss": self.last_loss, "final_step": trainer.step,
             EVENTS_KEY: self.event_count, "alerts_sent": self.alerts_sent,
             "alerts_suppressed": self.alerts_suppressed,
+            # The run's throughput (stability/throughput.py), as in summary.json.
+            **{f"perf/run_{k}": v for k, v in _run_throughput(trainer).items()},
         })
         self.run.finish(exit_code=0 if status in ("completed", "stopped", "preempted") else 1)
         self.run = None

@@ -1,0 +1,57 @@
+"""Throughput accounting: model FLOPs per token, GPU peaks, and MFU in rows and the summary."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from helpers import make_config
+
+from stability.model import build_model
+from stability.sinks.console import ConsoleProgress
+from stability.sinks.jsonl import JsonlWriter
+from stability.throughput import gpu_peak_flops, model_flops_per_token
+from stability.train import Trainer
+
+
+@pytest.mark.parametrize("recipe", ["llama2", "gpt"])
+def test_flops_per_token_is_six_per_matmul_parameter_plus_attention(single_process, recipe):
+    cfg = make_config(f"recipe={recipe}", "model.num_query_groups=2")
+    vocab = 1000
+    model = build_model(cfg, vocab)
+    padded_vocab = model.vocab_size
+    matmul = sum(p.numel() for name, p in model.named_parameters()
+                 if p.ndim == 2 and "embeddings" not in name)
+    if cfg.model.tie_embeddings:  # the output layer is the embedding matrix
+        matmul += padded_vocab * cfg.model.hidden_size
+    attention = 6 * cfg.model.num_layers * cfg.data.seq_length * cfg.model.hidden_size
+    assert model_flops_per_token(cfg, padded_vocab) == 6 * matmul + attention
+
+
+def test_gpu_peaks_by_name():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA H200") == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("Some Future GPU") is None
+
+
+def test_rows_summary_and_console_report_mfu(tmp_path, single_process):
+    cfg = make_config("trainer.train_steps=4", "trainer.log_interval=2", "checkpoint.interval=0",
+                      "checkpoint.save_final=false")
+    console = io.StringIO()
+    trainer = Trainer(cfg, tmp_path, [JsonlWriter(tmp_path),
+                                      ConsoleProgress(4, min_seconds=0, stream=console)],
+                      topology=single_process)
+    summary = trainer.fit()
+    rows = [json.loads(line)
+            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+        assert row["model_flops_per_s"] == pytest.approx(
+            row["tokens_per_s"] * trainer.throughput.flops_per_token)
+    assert rows[0]["mfu"] == rows[1]["mfu"]  # one logging interval, one rate
+    assert 0 < summary["mfu"] < 1 and summary["tokens_per_s"] > 0
+    assert "mfu" in console.getvalue()
