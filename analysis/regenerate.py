@@ -232,7 +232,7 @@ def draw(name: str, plan: S.Plan, data: Any, root: Path, out: Path) -> dict:
         "finding": result.finding,
         "numbers": result.numbers,
         "definitions": result.definitions,
-        "runs_root": os.path.relpath(root.resolve(), out.resolve()),
+        "runs_root": os.path.relpath(os.path.abspath(root), os.path.abspath(out)),
         "runs": runs,
         "files": [p.name for p in paths],
         "command": f"python -m analysis.regenerate {name} --scale {plan.scale} --runs {root}",

@@ -200,12 +200,44 @@ def _drop(config: dict[str, Any], dotted: str) -> None:
 
 
 def run_identity(config: Mapping[str, Any]) -> str:
-    """The identity of a run: a hash of its resolved config without :data:`KEY_EXCLUDED`."""
+    """The identity of a run: a hash of its resolved config without :data:`KEY_EXCLUDED` and
+    without the values that equal the config schema's defaults.
+
+    Leaving the defaults out keeps a run's identity when the schema gains a key whose default
+    keeps the old behaviour (a new knob), so finished runs are not retrained for it.
+    """
     config = json.loads(json.dumps(config, sort_keys=True, default=str))
     for key in KEY_EXCLUDED:
         _drop(config, key)
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    defaults = _schema_defaults()
+    differing = {k: v for k, v in _leaves(config) if k not in defaults or defaults[k] != v}
+    text = json.dumps(differing, sort_keys=True, separators=(",", ":"))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def _schema_defaults() -> dict[str, Any]:
+    """Dotted key -> default of ``stability.config.Config`` (JSON-normalised), computed once."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        from omegaconf import OmegaConf
+
+        from stability.config import Config
+
+        tree = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False,
+                                      throw_on_missing=False)
+        _DEFAULTS = dict(_leaves(json.loads(json.dumps(tree, default=str))))
+    return _DEFAULTS
 
 
 def _job(overrides: list[str], config: Mapping[str, Any]) -> Job:
