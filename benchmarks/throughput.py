@@ -24,6 +24,7 @@ from stability.config import Config, compose, ffn_hidden_size
 from stability.loss import vocab_parallel_loss
 from stability.model import build_model, causal_mask
 from stability.optim import build_optimizer, clip_grads, grad_norm
+from stability.throughput import cpu_matmul_flops, model_flops_per_token
 
 
 # --------------------------------------------------------------------------- plain PyTorch
@@ -97,26 +98,10 @@ class PlainGPT(nn.Module):
 
 
 # --------------------------------------------------------------------------- measurement
-def matmul_flops(threads: int, n: int = 2048, reps: int = 5) -> float:
-    """This machine's fp32 matmul rate (FLOP/s), best of ``reps``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_time(lambda: torch.mm(a, b)) for _ in range(reps))
-    return 2 * n**3 / best
-
-
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def model_flops_per_step(cfg: Config, params_no_embedding: int, vocab: int) -> float:
-    """6 N T for the matmuls (output layer included) plus causal attention's QK^T and AV."""
-    m, tokens = cfg.model, cfg.trainer.global_batch_size * cfg.data.seq_length
-    dense = 6 * (params_no_embedding + vocab * m.hidden_size) * tokens
-    attention = 6 * m.num_layers * cfg.data.seq_length * m.hidden_size * tokens  # causal: half
-    return dense + attention
 
 
 def main() -> None:
@@ -175,11 +160,11 @@ def main() -> None:
 
     n_ours = sum(p.numel() for p in ours.parameters())
     n_plain = sum(p.numel() for p in plain.parameters())
-    embedding = sum(p.numel() for n, p in ours.named_parameters()
-                    if "word_embeddings" in n or "output_layer" in n or "position_emb" in n)
-    flops = model_flops_per_step(cfg, n_ours - embedding, vocab)
-    peak = matmul_flops(args.threads)
     tokens = b * s
+    flops = model_flops_per_token(cfg, vocab) * tokens
+    # QK^T and AV run inside SDPA, not as matrix multiplies.
+    gemm_flops = flops - 6 * cfg.model.num_layers * s * cfg.model.hidden_size * tokens
+    peak = cpu_matmul_flops(args.threads, n=2048, reps=5)
     print(f"size={args.size} recipe={args.recipe} threads={args.threads} batch={b}x{s}")
     print(f"parameters: megatron-core {n_ours:,}  plain {n_plain:,}")
     print(f"measured fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s")
@@ -192,6 +177,24 @@ def main() -> None:
               f"{flops / t / peak:>9.1%}")
     print(f"ratio megatron-core / plain tokens/s: "
           f"{rates['megatron-core'] / rates['plain PyTorch']:.3f}")
+    share, gemm_rate = gemm_share(lambda: step_ours(opt_ours, 0), gemm_flops)
+    print(f"megatron-core step: {share:.0%} of the time in matrix multiplies, which run at "
+          f"{gemm_rate / 1e9:.1f} GFLOP/s ({gemm_rate / peak:.0%} of the matmul rate); the rest "
+          f"is memory-bound work (softmax over the vocabulary, attention, AdamW, norms)")
+
+
+def gemm_share(step, flops: float, steps: int = 2) -> tuple[float, float]:
+    """Share of a step's time spent in matrix multiplies, and their FLOP/s (profiler)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = time.perf_counter() - start
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")) / 1e6
+    return gemm / total, flops * steps / max(gemm, 1e-9)
 
 
 if __name__ == "__main__":
