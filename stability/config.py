@@ -477,15 +477,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                               "null unless parallel.pipeline >= 2")
         _divisible("model.num_layers", m.num_layers, "parallel.pipeline * virtual_pipeline",
                    p.pipeline * p.virtual_pipeline)
-        # megatron's interleaved schedule wants one model chunk per virtual stage; the trainer
-        # holds one chunk per rank (docs/gpu.md).
-        raise ConfigError("parallel.virtual_pipeline", p.virtual_pipeline,
-                          "null (interleaved virtual stages are not wired into the trainer yet)")
     _divisible("world size", world_size, "parallel.tensor * parallel.pipeline",
                p.tensor * p.pipeline)
     dp = world_size // (p.tensor * p.pipeline)
     _divisible("trainer.global_batch_size", t.global_batch_size,
                "trainer.micro_batch_size * data-parallel size", t.micro_batch_size * dp)
+    if p.virtual_pipeline is not None:
+        # The interleaved schedule runs micro batches in groups of parallel.pipeline.
+        _divisible("trainer.global_batch_size", t.global_batch_size,
+                   "trainer.micro_batch_size * data-parallel size * parallel.pipeline",
+                   t.micro_batch_size * dp * p.pipeline)
 
     _positive("monitors.interval", cfg.monitors.interval)
     _positive("monitors.attention_interval", cfg.monitors.attention_interval, zero_ok=True)

@@ -31,9 +31,10 @@ from stability.parallel import Topology
 class TorchEngine:
     """The CPU path: torch DDP (or an explicit all-reduce) and torch AdamW."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, topology: Topology,
-                 skippable: bool) -> None:
+    def __init__(self, model: torch.nn.Module, chunks: list[torch.nn.Module], cfg: Config,
+                 topology: Topology, skippable: bool) -> None:
         self.model = model
+        self.chunks = chunks
         self.cfg = cfg
         self.topology = topology
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -44,7 +45,9 @@ class TorchEngine:
                 device_ids=[topology.device.index] if topology.device.type == "cuda" else None)
             self.no_sync_func = self.wrapped.no_sync
         else:
-            self.wrapped = model
+            # Under pipeline parallelism the schedule runs the chunks themselves (a list for
+            # the interleaved schedule).
+            self.wrapped = chunks[0] if len(chunks) == 1 else chunks
             self.no_sync_func = None
         self.optimizer = build_optimizer(model, cfg.optim, skippable=skippable)
 
@@ -60,7 +63,7 @@ class TorchEngine:
             flat /= self.topology.dp_size
             for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 grad.copy_(reduced)
-        all_reduce_tied_embedding_grads(self.model)
+        all_reduce_tied_embedding_grads(self.chunks)
 
     def grad_norm(self) -> torch.Tensor:
         return grad_norm(self.params)
@@ -82,24 +85,29 @@ class TorchEngine:
         self.optimizer.load_state_dict(state)
 
 
-def all_reduce_tied_embedding_grads(model: torch.nn.Module) -> None:
+def all_reduce_tied_embedding_grads(chunks: list[torch.nn.Module]) -> None:
     """Under pipeline parallelism a tied embedding lives on the first and the last stage; both
     copies must take the same update, so their gradients are summed (megatron's
     ``_allreduce_word_embedding_grads``)."""
     if (parallel_state.get_pipeline_model_parallel_world_size() == 1
-            or not getattr(model, "share_embeddings_and_output_weights", False)
+            or not chunks[0].share_embeddings_and_output_weights
             or not parallel_state.is_rank_in_embedding_group(ignore_virtual=True)):
         return
+    # The first chunk holds the embedding on the first stage; the last the output layer.
+    model = chunks[0] if parallel_state.is_pipeline_first_stage(ignore_virtual=True) \
+        else chunks[-1]
     weight = model.shared_embedding_or_output_weight()
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
     dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, topology: Topology, skippable: bool):
-    """The torch engine on CPU; megatron-core's DDP and optimizer on GPU."""
+def build_engine(model: torch.nn.Module, chunks: list[torch.nn.Module], cfg: Config,
+                 topology: Topology, skippable: bool):
+    """The torch engine on CPU; megatron-core's DDP and optimizer on GPU. ``model`` is the
+    rank's model as one module; ``chunks`` its virtual pipeline stages (``[model]`` without)."""
     if topology.device.type == "cuda":
         from stability.megatron_engine import MegatronEngine  # GPU-only imports live there
 
-        return MegatronEngine(model, cfg, topology, skippable)
-    return TorchEngine(model, cfg, topology, skippable)
+        return MegatronEngine(model, chunks, cfg, topology, skippable)
+    return TorchEngine(model, chunks, cfg, topology, skippable)

@@ -40,20 +40,25 @@ from stability.parallel import Topology
 class MegatronEngine:
     """megatron-core DDP + (distributed) mixed-precision optimizer, behind the engine interface."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, topology: Topology,
-                 skippable: bool) -> None:
+    def __init__(self, model: torch.nn.Module, chunks: list[torch.nn.Module], cfg: Config,
+                 topology: Topology, skippable: bool) -> None:
         o = cfg.optim
         bf16 = resolve_precision(cfg.trainer.precision, topology.device) == "bf16"
         self.model = model
         self.cfg = cfg
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.wrapped = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, overlap_grad_reduce=True,
-                use_distributed_optimizer=o.distributed, average_in_collective=True),
-            module=model)
-        self.no_sync_func = self.wrapped.no_sync
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=True,
+            use_distributed_optimizer=o.distributed, average_in_collective=True)
+        # One DDP per virtual pipeline chunk; only the first keeps bucketing (megatron-LM's
+        # choice: later chunks' reductions overlap with the first chunk's backward).
+        self.ddp_chunks = [
+            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)]
+        self.wrapped = self.ddp_chunks[0] if len(chunks) == 1 else self.ddp_chunks
+        self.no_sync_func = (self.ddp_chunks[0].no_sync if len(chunks) == 1
+                             else [ddp.no_sync for ddp in self.ddp_chunks])
         self.megatron_optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -61,7 +66,7 @@ class MegatronEngine:
                 clip_grad=0.0,  # we clip, on the device (see the module docstring)
                 bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
                 use_distributed_optimizer=o.distributed),
-            [self.wrapped])
+            self.ddp_chunks)
         self.parts = list(getattr(self.megatron_optimizer, "chained_optimizers",
                                   [self.megatron_optimizer]))
         if skippable:
@@ -73,12 +78,13 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ the step
     def zero_grad(self) -> None:
-        self.wrapped.zero_grad_buffer()
+        for ddp in self.ddp_chunks:
+            ddp.zero_grad_buffer()
         self.megatron_optimizer.zero_grad(set_to_none=True)
 
     def finish_grads(self) -> None:
         """Wait for the overlapped reduction; tied-embedding sums; grads to the fp32 masters."""
-        finalize_model_grads([self.wrapped])
+        finalize_model_grads(self.ddp_chunks)
         for part in self.parts:
             part.prepare_grads()  # bf16: no loss scaler, so no inf check and no host sync
 
@@ -131,7 +137,8 @@ class MegatronEngine:
             if hasattr(part, "_copy_main_params_to_model_params"):
                 part._copy_main_params_to_model_params()
         if self.cfg.optim.distributed:
-            self.wrapped.start_param_sync(force_sync=True)  # every rank's shard to every rank
+            for ddp in self.ddp_chunks:  # every rank's shard to every rank
+                ddp.start_param_sync(force_sync=True)
 
 
 class _OptimizerView:

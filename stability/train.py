@@ -40,6 +40,7 @@ from stability.errors import ConfigError
 from stability.fault import FaultInjector
 from stability.loss import vocab_parallel_loss
 from stability.model import build_model, causal_mask
+from stability.model.chunks import ModelChunks
 from stability.monitors import Monitors
 from stability.optim import build_scheduler
 from stability.preemption import Preemption
@@ -75,17 +76,21 @@ class Trainer:
             dp_size=self.topology.dp_size, train_samples=t.train_steps * t.global_batch_size)
         bf16 = resolve_precision(t.precision, self.device) == "bf16"
         vocab_size = self.data.tokenizer.vocab_size
-        self.model = build_model(cfg, vocab_size, bf16=bf16,
-                                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                                 ).to(self.device)
+        # One chunk per virtual pipeline stage (one without virtual stages).
+        stages = [None] if cfg.parallel.virtual_pipeline is None else \
+            list(range(cfg.parallel.virtual_pipeline))
+        self.chunks = [build_model(cfg, vocab_size, bf16=bf16, vp_stage=stage,
+                                   params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                                   ).to(self.device) for stage in stages]
+        self.model = self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.callbacks: list[Callback] = list(callbacks or [])
         skippable = any(getattr(c, "needs_skippable_optimizer", False) for c in self.callbacks)
-        self.engine = build_engine(self.model, cfg, self.topology, skippable)
+        self.engine = build_engine(self.model, self.chunks, cfg, self.topology, skippable)
         self.optimizer = self.engine.optimizer
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.forward_backward = get_forward_backward_func()
-        self.model.config.no_sync_func = self.engine.no_sync_func
+        self.chunks[0].config.no_sync_func = self.engine.no_sync_func
         self.throughput = Throughput(model_flops_per_token(cfg, vocab_size),
                                      peak_flops(self.device)[0], self.topology.launch.world_size)
         self.mask = causal_mask(cfg.data.seq_length, self.device)
@@ -148,9 +153,15 @@ class Trainer:
         self._call("on_step_start")
         self.engine.zero_grad()
         self._micro_stats: list[torch.Tensor] = []
+        # This step's micro batches, the same on every stage: each model chunk walks them in
+        # order (the interleaved schedule visits chunks out of order).
+        batches = [self._next_micro_batch() for _ in range(self.accumulation)]
+        iterators = [iter(batches) for _ in self.chunks]
         self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=None, model=self.engine.wrapped,
-            num_microbatches=self.accumulation, seq_length=self.cfg.data.seq_length,
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(self.chunks) > 1 else iterators[0],
+            model=self.engine.wrapped, num_microbatches=self.accumulation,
+            seq_length=self.cfg.data.seq_length,
             micro_batch_size=self.cfg.trainer.micro_batch_size)
         self.engine.finish_grads()
         stats = self._loss_statistics()
@@ -171,15 +182,18 @@ class Trainer:
         if self.step % self.cfg.trainer.log_interval == 0:
             self.flush_metrics()
 
-    def _forward_step(self, data_iterator, model: torch.nn.Module):
-        """megatron's forward_step_func: one micro batch through this rank's stage.
-
-        Every stage draws the same micro batches (same data-parallel rank): the first stage
-        reads the tokens, the last the labels; a middle stage's input comes from its neighbour.
-        """
+    def _next_micro_batch(self) -> dict[str, torch.Tensor]:
         batch = self.data.loader.next_micro_batch()
         batch = self.fault.batch(self.step + 1, batch, self.data.tokenizer.vocab_size)
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward_step(self, data_iterator, model: torch.nn.Module):
+        """megatron's forward_step_func: one micro batch through one model chunk.
+
+        Every stage reads the same micro batches (same data-parallel rank): the first stage
+        reads the tokens, the last the labels; a later stage's input comes from its neighbour.
+        """
+        batch = next(data_iterator)
         output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
                        attention_mask=self.mask)
         return output, functools.partial(self._loss, batch)

@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from stability.config import Config, ModelConfig, ffn_hidden_size
+from stability.config import Config, ModelConfig, ffn_hidden_size, resolve_device_type
 from stability.model.layers import block_spec, build_norm, layer_spec
 
 
@@ -70,6 +70,10 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        # Pipeline sends and receives one by one on gloo: batched (batch_isend_irecv) they race
+        # there (megatron guards them with torch.cuda.synchronize), and the interleaved
+        # schedule then reads a stage's input before it arrived.
+        batch_p2p_comm=resolve_device_type(cfg.trainer.device) == "cuda",
     )
 
 

@@ -42,8 +42,6 @@ RULES = [
     (["checkpoint.resume=latest"], "checkpoint.resume", "auto, never"),
     (["parallel.pipeline=2", "parallel.virtual_pipeline=3"], "model.num_layers",
      "parallel.pipeline * virtual_pipeline"),
-    (["model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2"],
-     "parallel.virtual_pipeline", "null"),
     (["trainer.precision=bf16", "trainer.device=cpu"], "trainer.precision", "needs a GPU"),
     (["trainer.precision=fp16"], "trainer.precision", "auto, fp32, bf16"),
     (["optim.distributed=true", "trainer.device=cpu"], "optim.distributed", "needs a GPU"),
@@ -87,6 +85,17 @@ def test_world_size_must_fit_the_model_parallel_grid():
 def test_cuda_device_without_a_gpu_is_refused():
     with pytest.raises(ConfigError, match="no CUDA device visible"):
         validate(make_config("trainer.device=cuda"))
+
+
+def test_virtual_pipeline_needs_micro_batches_in_groups_of_the_pipeline():
+    cfg = make_config("model.num_layers=4", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                      "trainer.micro_batch_size=8")  # one micro batch per step: not a group of 2
+    with pytest.raises(ConfigError, match=r"data-parallel size \* parallel.pipeline") as err:
+        validate(cfg, world_size=2)
+    assert err.value.key == "trainer.global_batch_size"
+    validate(make_config("model.num_layers=4", "parallel.pipeline=2",
+                         "parallel.virtual_pipeline=2", "trainer.micro_batch_size=4"),
+             world_size=2)
 
 
 def test_defaults_and_recipes_are_valid():

@@ -55,3 +55,14 @@ def test_pipeline_2_data_parallel_2_tied_embeddings_match_one_process(tmp_path):
     pp2dp2 = train(tmp_path / "pp2dp2", [*overrides, "parallel.pipeline=2"], nproc=4)
     assert_same(single, pp2dp2)
     assert summary(tmp_path / "pp2dp2")["parameters"] == summary(tmp_path / "one")["parameters"]
+
+
+def test_virtual_pipeline_matches_one_process(tmp_path):
+    # Interleaved 1F1B: 2 ranks x 2 virtual stages of one layer each; rank 0 holds layers 1
+    # and 3, rank 1 layers 2 and 4.
+    overrides = ["recipe=llama2", *MICRO, "model.num_layers=4"]
+    single = train(tmp_path / "one", overrides)
+    vpp = train(tmp_path / "vpp", [*overrides, "parallel.pipeline=2",
+                                   "parallel.virtual_pipeline=2"], nproc=2)
+    assert_same(single, vpp)
+    assert summary(tmp_path / "vpp")["parameters"] == summary(tmp_path / "one")["parameters"]
