@@ -64,7 +64,8 @@ def layer_of(name: str) -> int | None:
 
 
 def test_monitors_equal_direct_computations(tmp_path, single_process):
-    trainer, probe = run_one_step(tmp_path, single_process, "model.num_query_groups=1")  # GQA: 4 heads, 1 group
+    # Grouped-query attention (4 heads, 1 group): the monitor must repeat keys as SDPA does.
+    trainer, probe = run_one_step(tmp_path, single_process, "model.num_query_groups=1")
     recorded = {k: float(v) for k, v in trainer.step_tensors.items()}
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     num_layers = trainer.cfg.model.num_layers
