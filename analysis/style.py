@@ -170,7 +170,8 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike, name: str, dpi: int = D
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=max(dpi, 200), bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    # No creation date: redrawing the same numbers gives the same bytes (clean diffs).
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})
     return paths
 
 
