@@ -48,6 +48,7 @@ class Monitors(Callback):
         self._full = False
         self._before: list[torch.Tensor] | None = None
         self._causal_biases: dict[int, torch.Tensor] = {}
+        self._layer_index: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
     def on_train_start(self, trainer) -> None:
@@ -157,12 +158,16 @@ class Monitors(Callback):
         One fused norm over the list and one scatter-add: a Python loop of small ops per
         parameter cost more than the statistics themselves.
         """
-        chosen = [(t, layer) for t, layer, counted in
-                  zip(tensors, self._layer_of, self._counted, strict=True)
+        chosen = [i for i, (t, layer, counted) in
+                  enumerate(zip(tensors, self._layer_of, self._counted, strict=True))
                   if t is not None and layer >= 0 and counted]
-        device = chosen[0][0].device
-        norms = torch.stack(torch._foreach_norm([t.float() for t, _ in chosen]))
-        index = torch.tensor([layer for _, layer in chosen], device=device)
+        device = tensors[chosen[0]].device
+        norms = torch.stack(torch._foreach_norm([tensors[i].float() for i in chosen]))
+        key = tuple(chosen)
+        if key not in self._layer_index:  # built once: no host-to-device copy per step
+            self._layer_index[key] = torch.tensor([self._layer_of[i] for i in chosen],
+                                                  device=device)
+        index = self._layer_index[key]
         return torch.zeros(self.num_layers, device=device).index_add_(0, index, norms.square())
 
     @staticmethod
