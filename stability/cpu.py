@@ -9,9 +9,10 @@ megatron-core assumes CUDA in these places (measured in the project notes, "mega
    ``torch.cuda.synchronize()``; a tied embedding is moved with ``.cuda()`` before its first- and
    last-stage copies are all-reduced.
 
-``apply()`` fixes 1, 2 and 4 and is a no-op when CUDA is available, so GPU runs use megatron-core
-unchanged. Without CUDA the CPU is the device: "cuda" placements land there, and a
-synchronisation has nothing to wait for.
+``apply()`` fixes 1, 2 and 4 (3 needs no patch). ``stability.runtime.Runtime.apply`` calls it
+for CPU runs only, also on a machine that has a GPU (``trainer.device=cpu``), so GPU runs use
+megatron-core unchanged. On a CPU run the CPU is the device: "cuda" placements land there, and
+a synchronisation has nothing to wait for.
 """
 
 from __future__ import annotations
@@ -52,9 +53,7 @@ class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
 
 
 def apply() -> None:
-    """Patch what megatron-core needs to run on CPU; does nothing when CUDA is available."""
-    if torch.cuda.is_available():
-        return
+    """Patch what megatron-core needs to run on CPU (idempotent; for CPU runs only)."""
     torch.cuda.current_device = lambda: "cpu"  # RoPE buffers and attention scratch go to CPU
     torch.cuda.synchronize = lambda device=None: None  # p2p's guard for batched send/recv
     torch.Tensor.cuda = _stay_on_cpu  # the tied embedding's first/last-stage copy
@@ -65,9 +64,9 @@ def apply() -> None:
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
-def seed_model_parallel_rng(seed: int, tp_rank: int) -> None:
+def seed_model_parallel_rng(seed: int, tp_rank: int, device_type: str) -> None:
     """megatron's ``model_parallel_cuda_manual_seed`` for either device."""
-    if torch.cuda.is_available():
+    if device_type == "cuda":
         mcore_random.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0)
         return
     tracker = mcore_random.get_cuda_rng_tracker()

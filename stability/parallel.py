@@ -55,15 +55,6 @@ def detect_launch(env: dict[str, str] | None = None) -> Launch:
     return Launch(0, 1, 0, "127.0.0.1", 0, "single")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``trainer.device``: auto picks CUDA when a GPU is visible."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
-    return torch.device(device)
-
-
 @dataclass(frozen=True)
 class Topology:
     """This rank's place in the tensor x pipeline x data grid."""
@@ -81,6 +72,12 @@ class Topology:
     def is_main(self) -> bool:
         """Rank 0 writes the run directory's shared files."""
         return self.launch.rank == 0
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """The parallel layout (what a checkpoint must match to be loaded)."""
+        return {"world_size": self.launch.world_size, "tensor": self.tp_size,
+                "pipeline": self.pp_size, "data": self.dp_size}
 
 
 def init(device: torch.device, tensor: int, pipeline: int,
@@ -122,3 +119,20 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def count_parameters(params: list[torch.nn.Parameter], topology: Topology) -> int:
+    """Parameters of the whole model from one rank's shard: tensor-parallel shards summed,
+    replicated ones (norms) counted once, a tied embedding's last-stage copy not again."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    local = sum(p.numel() for p in params if param_is_not_shared(p))
+    replicated = sum(p.numel() for p in params if param_is_not_shared(p)
+                     and not param_is_not_tensor_parallel_duplicate(p))
+    count = local - replicated + replicated / topology.tp_size
+    if topology.tp_size * topology.pp_size > 1:
+        total = torch.tensor([count], dtype=torch.float64, device=topology.device)
+        dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+        count = total.item()
+    return int(round(count))

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from stability.config import Config, ffn_hidden_size
+from stability.model.config import ModelConfig
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from the vendors' data sheets, FLOP/s. Longer
 # names first: "H100 PCIe" must match before "H100".
@@ -35,22 +35,21 @@ GPU_BF16_PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def model_flops_per_token(cfg: Config, vocab_size: int) -> float:
+def model_flops_per_token(m: ModelConfig, vocab_size: int, seq_length: int) -> float:
     """Training FLOPs per token: 6 x (matmul parameters) + causal attention scores and values.
 
     Matmul parameters are those of every layer's QKV, output projection and MLP, plus the
     output layer (vocab x d); norms, biases and the embedding lookup do no matmul.
     """
-    m = cfg.model
     h, heads = m.hidden_size, m.num_attention_heads
     head_dim = h // heads
-    groups = m.num_query_groups or heads
+    groups = m.query_groups
     attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h
-    mlp = (3 if m.activation == "swiglu" else 2) * h * ffn_hidden_size(m)
+    mlp = (3 if m.activation == "swiglu" else 2) * h * m.ffn_size
     dense = m.num_layers * (attention + mlp) + vocab_size * h
     # QK^T and AV: 2 x 2 s d FLOPs per token and layer forward, x3 with backward, halved by
     # the causal mask.
-    scores = 6 * m.num_layers * cfg.data.seq_length * h
+    scores = 6 * m.num_layers * seq_length * h
     return 6 * dense + scores
 
 

@@ -20,6 +20,6 @@ def single_process():
 
     cpu.apply()
     topology = parallel.init(torch.device("cpu"), 1, 1)
-    cpu.seed_model_parallel_rng(1234, 0)
+    cpu.seed_model_parallel_rng(1234, 0, "cpu")
     yield topology
     parallel.shutdown()

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from stability.errors import ConfigError, one_of, positive
+
+DATA_NAMES = ("sample", "indexed")
 
 
 @dataclass
@@ -35,3 +40,32 @@ class DataConfig:
     num_workers: int = 0
     """Background threads that read and collate the next micro batches while the model
     computes; 0 reads each micro batch when it is asked for (enough for the sample corpus)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value of this section (no file is read)."""
+        one_of("data.name", self.name, DATA_NAMES)
+        if self.name == "indexed" and not self.path:
+            raise ConfigError("data.path", self.path,
+                              'a .bin/.idx prefix when data.name is "indexed"')
+        positive("data.seq_length", self.seq_length)
+        try:
+            weights = [float(part) for part in self.split.split(",")]
+        except ValueError:
+            weights = []
+        if not 1 <= len(weights) <= 3 or min(weights) < 0 or weights[0] <= 0:
+            raise ConfigError("data.split", self.split,
+                              'one to three weights >= 0 like "969,30,1", train > 0')
+        positive("data.num_workers", self.num_workers, zero_ok=True)
+
+    def check_files(self) -> None:
+        """Raise ConfigError when the tokenizer or the dataset named here does not exist (a
+        look at the file system only: nothing is read or built)."""
+        if self.tokenizer and not Path(self.tokenizer).expanduser().is_file():
+            raise ConfigError("data.tokenizer", self.tokenizer,
+                              "an existing SentencePiece .model file")
+        if self.name == "indexed":
+            prefix = Path(self.path).expanduser()
+            if not all(Path(f"{prefix}{ext}").is_file() for ext in (".bin", ".idx")):
+                raise ConfigError("data.path", self.path,
+                                  "the prefix of an existing PREFIX.bin + PREFIX.idx pair "
+                                  "(make one with python -m stability.data.preprocess)")

@@ -1,5 +1,6 @@
-"""megatron-core GPTModel from ModelConfig, with our submodules where megatron lacks a knob."""
+"""megatron-core GPTModel from ModelConfig, with our submodules where megatron lacks a knob.
 
-from stability.model.build import build_model, causal_mask, transformer_config
-
-__all__ = ["build_model", "causal_mask", "transformer_config"]
+``build.py`` builds the model, ``layers.py``/``attention.py`` are our submodules in megatron's
+layer specs, ``loss.py`` the objective, ``config.py`` the ``model`` and ``loss`` config sections
+(importable without torch, so the command line stays fast).
+"""

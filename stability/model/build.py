@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,11 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
-from stability.config import Config, ModelConfig, ffn_hidden_size, resolve_device_type
+from stability.model.config import ModelConfig
 from stability.model.layers import block_spec, build_norm, layer_spec
+
+if TYPE_CHECKING:
+    from stability.runtime import Runtime
 
 
 def padded_vocab_size(vocab_size: int, model: ModelConfig, tensor_parallel: int) -> int:
@@ -22,19 +26,15 @@ def padded_vocab_size(vocab_size: int, model: ModelConfig, tensor_parallel: int)
     return multiple * math.ceil(vocab_size / multiple)
 
 
-def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32,
-                       bf16: bool = False) -> TransformerConfig:
-    """megatron-core's TransformerConfig for our model and parallel settings."""
-    m, p = cfg.model, cfg.parallel
-    cpu_init = m.cpu_initialization
-    if cpu_init is None:
-        cpu_init = not torch.cuda.is_available()
+def transformer_config(m: ModelConfig, runtime: Runtime, *, tensor: int = 1, pipeline: int = 1,
+                       virtual_pipeline: int | None = None) -> TransformerConfig:
+    """megatron-core's TransformerConfig for our model on ``runtime`` in a parallel layout."""
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups or m.num_attention_heads,
-        ffn_hidden_size=ffn_hidden_size(m),
+        num_query_groups=m.query_groups,
+        ffn_hidden_size=m.ffn_size,
         kv_channels=m.hidden_size // m.num_attention_heads,
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
@@ -49,16 +49,16 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         output_layer_init_method=(None if m.scaled_init_output_layers
                                   else init_method_normal(m.init_std)),
         qk_layernorm=m.qk_layernorm,
-        tensor_model_parallel_size=p.tensor,
-        pipeline_model_parallel_size=p.pipeline,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
-        pipeline_dtype=params_dtype,
-        params_dtype=params_dtype,
-        bf16=bf16,
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        pipeline_dtype=runtime.params_dtype,
+        params_dtype=runtime.params_dtype,
+        bf16=runtime.bf16,
         # Initialise the full matrices on CPU and then shard them: a TP=2 model starts from
         # exactly the weights of the TP=1 model (parity tests). On GPU only when asked
         # (model.cpu_initialization): slow for large models.
-        use_cpu_initialization=cpu_init,
+        use_cpu_initialization=runtime.cpu_initialization,
         perform_initialization=True,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
@@ -73,7 +73,7 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         # Pipeline sends and receives one by one on gloo: batched (batch_isend_irecv) they race
         # there (megatron guards them with torch.cuda.synchronize), and the interleaved
         # schedule then reads a stage's input before it arrived.
-        batch_p2p_comm=resolve_device_type(cfg.trainer.device) == "cuda",
+        batch_p2p_comm=runtime.is_cuda,
     )
 
 
@@ -129,21 +129,23 @@ def _sequence_major_view(module, args, output):
     return logits.transpose(0, 1), bias
 
 
-def build_model(cfg: Config, vocab_size: int, *, params_dtype: torch.dtype = torch.float32,
-                bf16: bool = False, vp_stage: int | None = None) -> GPTModel:
-    """The model chunk of this rank (its pipeline stage and tensor shard)."""
-    m = cfg.model
-    config = transformer_config(cfg, params_dtype=params_dtype, bf16=bf16)
-    layer = layer_spec(config, m.norm_position, m.qk_layernorm, m.attention_backend,
-                       init_seed=cfg.trainer.seed)
+def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length: int,
+                seed: int, tensor: int = 1, pipeline: int = 1,
+                virtual_pipeline: int | None = None, vp_stage: int | None = None) -> GPTModel:
+    """The model chunk of this rank (its pipeline stage ``vp_stage`` and tensor shard), on the
+    CPU; the caller moves it to the runtime's device. ``seed`` seeds each layer's init."""
+    config = transformer_config(m, runtime, tensor=tensor, pipeline=pipeline,
+                                virtual_pipeline=virtual_pipeline)
+    layer = layer_spec(config, m.norm_position, m.qk_layernorm, runtime.attention_backend,
+                       init_seed=seed)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=config,
         transformer_layer_spec=block_spec(layer, num_layers, m.norm_position),
-        vocab_size=padded_vocab_size(vocab_size, m, cfg.parallel.tensor),
-        max_sequence_length=cfg.data.seq_length,
+        vocab_size=padded_vocab_size(vocab_size, m, tensor),
+        max_sequence_length=seq_length,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,

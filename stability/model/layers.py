@@ -38,7 +38,6 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from stability.model.attention import FlashAttention, SDPAttention
-from stability.model.backends import resolve_attention_backend
 
 
 def build_norm(config: TransformerConfig, hidden_size: int | None = None):
@@ -95,8 +94,8 @@ class SeededTransformerLayer(TransformerLayer):
 
 
 def core_attention_class(backend: str):
-    """The core-attention module of the local layer spec for ``model.attention_backend``."""
-    backend = resolve_attention_backend(backend)
+    """The core-attention module of the local layer spec for a resolved attention backend
+    (``Runtime.attention_backend``: sdpa, local or flash)."""
     if backend == "te":
         raise ValueError("attention_backend=te is the Transformer Engine layer spec "
                          "(layer_spec), not a core attention of the local one")
@@ -107,7 +106,7 @@ def layer_spec(config: TransformerConfig, norm_position: str, qk_layernorm: bool
                attention_backend: str, init_seed: int = 0) -> ModuleSpec:
     """The spec of one transformer layer: Transformer Engine's modules when the backend
     resolves to te, else megatron-core's local modules with our core attention."""
-    if resolve_attention_backend(attention_backend) == "te":
+    if attention_backend == "te":
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         backend = TESpecProvider()

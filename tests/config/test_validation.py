@@ -11,6 +11,7 @@ from helpers import REPO, make_config
 
 from stability.config import validate
 from stability.errors import ConfigError
+from stability.runtime import Runtime
 
 RULES = [
     # (overrides, key named in the error, a word of what is allowed)
@@ -42,8 +43,24 @@ RULES = [
     (["checkpoint.resume=latest"], "checkpoint.resume", "auto, never"),
     (["parallel.pipeline=2", "parallel.virtual_pipeline=3"], "model.num_layers",
      "parallel.pipeline * virtual_pipeline"),
-    (["trainer.precision=bf16", "trainer.device=cpu"], "trainer.precision", "needs a GPU"),
     (["trainer.precision=fp16"], "trainer.precision", "auto, fp32, bf16"),
+    (["logger.wandb.max_alerts=-2"], "logger.wandb.max_alerts", ">= 0"),
+    (["logger.wandb.table_interval_steps=0"], "logger.wandb.table_interval_steps", "> 0"),
+    (["data.name=parquet"], "data.name", "sample, indexed"),
+    (["data.name=indexed"], "data.path", "a .bin/.idx prefix"),
+    (["data.split=half"], "data.split", "one to three weights"),
+    (["actions.on_spike=panic"], "actions.on_spike", "log, alert, skip_step, rollback, stop"),
+    (["actions.on_spike=rollback", "checkpoint.interval=0"], "checkpoint.interval",
+     "> 0 when an action is rollback"),
+    (["fault.kind=meteor"], "fault.kind", "lr_spike, bad_batch, nan"),
+    (["monitors.update_rows_fraction=0"], "monitors.update_rows_fraction", "(0, 1]"),
+]
+
+# What the machine allows, decided once by the runtime (here: a machine without CUDA).
+RUNTIME_RULES = [
+    (["trainer.device=cuda"], "trainer.device", "no CUDA device visible"),
+    (["trainer.precision=bf16", "trainer.device=cpu"], "trainer.precision", "needs a GPU"),
+    (["trainer.precision=bf16"], "trainer.precision", "needs a GPU"),
     (["optim.distributed=true", "trainer.device=cpu"], "optim.distributed", "needs a GPU"),
     (["model.attention_backend=te", "trainer.device=cpu"], "model.attention_backend",
      "transformer-engine"),
@@ -66,6 +83,48 @@ def test_rule(overrides, key, allowed):
         assert err.value.value == _parse(overrides[-1].split("=", 1)[1])
 
 
+@pytest.mark.parametrize(("overrides", "key", "allowed"), RUNTIME_RULES,
+                         ids=[" ".join(r[0]) for r in RUNTIME_RULES])
+def test_runtime_rule(overrides, key, allowed):
+    cfg = make_config(*overrides)
+    validate(cfg)  # a valid config: it is the machine that cannot run it
+    with pytest.raises(ConfigError) as err:
+        Runtime.resolve(cfg, cuda_available=False)
+    assert err.value.key == key and allowed in str(err.value)
+
+
+def test_runtime_is_decided_once_from_the_config():
+    cpu = Runtime.resolve(make_config(), cuda_available=False)
+    assert (cpu.device_type, cpu.precision, cpu.attention_backend) == ("cpu", "fp32", "sdpa")
+    assert cpu.cpu_initialization and not cpu.bf16
+    gpu = Runtime.resolve(make_config(), cuda_available=True)
+    assert (gpu.device_type, gpu.precision) == ("cuda", "bf16")
+    assert gpu.params_dtype == torch.bfloat16 and not gpu.cpu_initialization
+    # trainer.device=cpu on a machine with a GPU is a CPU run, with its CPU initialisation.
+    forced = Runtime.resolve(make_config("trainer.device=cpu"), cuda_available=True)
+    assert (forced.device_type, forced.precision, forced.cpu_initialization) == \
+        ("cpu", "fp32", True)
+
+
+def test_unknown_keys_are_refused_like_any_bad_key(tmp_path):
+    for override, key in (("+optim.nonexistent=1", "optim.nonexistent"),
+                          ("+bogus=2", "bogus"), ("+logger.wandb.colour=red",
+                                                  "logger.wandb.colour")):
+        with pytest.raises(ConfigError) as err:
+            make_config(override)
+        assert err.value.key == key and "a key of the schema" in str(err.value)
+    # detectors.params is an open mapping: any detector's keyword arguments
+    assert make_config("+detectors.params.loss_spike.window=64").detectors.params == {
+        "loss_spike": {"window": 64}}
+    proc = subprocess.run([sys.executable, "-m", "stability.train", "+optim.nonexistent=1",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        proc.stderr.strip().splitlines()[0]] and "optim.nonexistent=1" in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def _parse(text: str):
     for kind in (int, float):
         try:
@@ -79,12 +138,6 @@ def test_world_size_must_fit_the_model_parallel_grid():
     cfg = make_config("parallel.tensor=2")
     with pytest.raises(ConfigError, match="world size"):
         validate(cfg, world_size=3)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the rule is about machines without CUDA")
-def test_cuda_device_without_a_gpu_is_refused():
-    with pytest.raises(ConfigError, match="no CUDA device visible"):
-        validate(make_config("trainer.device=cuda"))
 
 
 def test_virtual_pipeline_needs_micro_batches_in_groups_of_the_pipeline():

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_config
+from helpers import build_model_for, make_config
 
 from stability import cpu
-from stability.loss import vocab_parallel_loss
-from stability.model import build_model, causal_mask
+from stability.model.build import causal_mask
+from stability.model.loss import vocab_parallel_loss
 
 VOCAB = 1000
 SEQ = 32
@@ -20,8 +20,8 @@ SEQ = 32
 def build(*overrides: str, seed: int = 7):
     cfg = make_config("size=tiny", f"data.seq_length={SEQ}", *overrides)
     torch.manual_seed(seed)
-    cpu.seed_model_parallel_rng(seed, 0)
-    return cfg, build_model(cfg, VOCAB)
+    cpu.seed_model_parallel_rng(seed, 0, "cpu")
+    return cfg, build_model_for(cfg, VOCAB)
 
 
 def forward(model, tokens=None, seed: int = 0):

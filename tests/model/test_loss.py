@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stability.loss import vocab_parallel_loss
+from stability.model.loss import vocab_parallel_loss
 
 
 @pytest.mark.parametrize("vocab", [8192, 50])  # 8192: 32 rows per chunk, 97 rows = 4 chunks

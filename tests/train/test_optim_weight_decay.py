@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import make_config
 
-from stability.optim import build_optimizer, build_scheduler
+from stability.optim.adamw import build_optimizer, build_scheduler
 
 
 def _decay_per_step(lr: float, independent: bool, steps: int = 30) -> list[float]:
@@ -18,7 +18,7 @@ def _decay_per_step(lr: float, independent: bool, steps: int = 30) -> list[float
     model = torch.nn.Linear(4, 4, bias=False, dtype=torch.float64)  # 1 - 1e-5 exactly
     torch.nn.init.ones_(model.weight)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.train_steps)
     factors = []
     for _ in range(steps):
         scheduler.step(1)
@@ -33,7 +33,8 @@ def _decay_per_step(lr: float, independent: bool, steps: int = 30) -> list[float
 def test_independent_decay_is_wd_times_lr_fraction(lr):
     cfg = make_config(f"optim.lr={lr}", "optim.min_lr=0", "trainer.train_steps=40",
                       "optim.warmup_steps=10")
-    sched = build_scheduler(build_optimizer(torch.nn.Linear(2, 2), cfg.optim), cfg)
+    sched = build_scheduler(build_optimizer(torch.nn.Linear(2, 2), cfg.optim), cfg.optim,
+                            cfg.trainer.train_steps)
     fractions = []
     for _ in range(30):
         sched.step(1)

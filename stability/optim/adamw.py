@@ -11,7 +11,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
-from stability.config import Config, OptimConfig
+from stability.optim.config import OptimConfig
 
 _EMBEDDING_NAMES = ("word_embeddings", "position_embeddings", "output_layer")
 
@@ -37,26 +37,35 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
-                    skippable: bool = False) -> torch.optim.AdamW:
-    """torch AdamW over our parameter groups, fused kernel (CPU and CUDA: 4x faster than the
-    foreach path on CPU); ``skippable`` gives the :class:`SkipStepAdamW` that the skip_step
-    action needs."""
-    cls = SkipStepAdamW if skippable else torch.optim.AdamW
-    return cls(
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> SkipStepAdamW:
+    """torch's fused AdamW over our parameter groups (CPU and CUDA: 4x faster than the foreach
+    path on CPU), able to skip a step on a device-side decision."""
+    return SkipStepAdamW(
         param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         weight_decay=cfg.weight_decay, fused=True,
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> OptimizerParamScheduler:
+def set_hyperparameters(groups: list[dict], cfg: OptimConfig) -> None:
+    """Betas and eps of ``cfg`` on every parameter group (after loading a checkpoint written
+    with other values: a resume applies the config it is given; LR and weight decay are set by
+    the scheduler every step)."""
+    for group in groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
+        group["eps"] = cfg.eps
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig,
+                    train_steps: int) -> OptimizerParamScheduler:
     """megatron-core's OptimizerParamScheduler: linear warmup from 0, then decay to min_lr.
 
     The loop calls ``step(1)`` before each optimizer step, so optimizer step k (1-based) runs at
-    the schedule's value for k: warmup reaches the peak LR at step ``warmup_steps``.
+    the schedule's value for k: warmup reaches the peak LR at step ``warmup_steps``. The
+    schedule is a function of the step and the config alone: a resume sets ``num_steps`` and
+    keeps the config it is given (Megatron's ``--override-opt_param-scheduler``), so a changed
+    LR or a longer run takes effect from the resume on.
     """
-    o = cfg.optim
-    decay_steps = o.decay_steps or cfg.trainer.train_steps
+    decay_steps = o.decay_steps_for(train_steps)
     # AdamW decays by lr_t * wd: wd / lr makes that wd * lr_t / lr (independent of the peak LR).
     wd = o.weight_decay / o.lr if o.weight_decay_lr_independent else o.weight_decay
     return OptimizerParamScheduler(
@@ -118,43 +127,18 @@ def _device(params) -> torch.device:
 
 
 class SkipStepAdamW(torch.optim.AdamW):
-    """AdamW that can skip a step on a device-side decision, without a host sync.
+    """torch's fused AdamW that can skip a step on a device-side decision, without a host sync.
 
     Set ``skip`` to a boolean 0-dim tensor before ``step()``: where it is true, parameters,
-    moments and the step count stay exactly as they were (OLMo-core's SkipStepOptimizer idea).
-    With ``skip`` None it is torch's AdamW.
+    moments and step counts stay exactly as they were (OLMo-core's SkipStepOptimizer idea). It
+    rides on the fused kernel's ``found_inf`` input, the mechanism of torch's GradScaler: one
+    kernel for the whole step, also when skipped, and bit-identical to not stepping. With
+    ``skip`` None it is torch's fused AdamW.
     """
 
     skip: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.skip is None:
-            return super().step(closure)
-        if not self.skip.is_cuda:  # on the CPU reading the decision costs nothing
-            return None if bool(self.skip) else super().step(closure)
-        keep = (~self.skip).to(torch.float32)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), device=p.device)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                # A skipped step may carry NaN/Inf gradients: never let them touch the state.
-                grad = torch.where(self.skip, torch.zeros_like(p.grad), p.grad)
-                step = state["step"].to(p.device)
-                step.add_(keep)
-                state["step"] = step
-                state["exp_avg"].lerp_(grad, (1 - beta1) * keep)
-                state["exp_avg_sq"].lerp_(grad * grad, (1 - beta2) * keep)
-                bias1 = (1 - beta1**step).clamp(min=1e-12)
-                bias2 = (1 - beta2**step).clamp(min=1e-12)
-                p.mul_(1 - lr * wd * keep)
-                denom = (state["exp_avg_sq"].sqrt() / bias2.sqrt()).add_(eps)
-                p.sub_(state["exp_avg"] / denom * (lr * keep / bias1))
-        return None
+        self.found_inf = None if self.skip is None else self.skip.reshape(()).float()
+        return super().step(closure)
