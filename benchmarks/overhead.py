@@ -17,14 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import stability  # noqa: F401
-from stability import cpu, parallel
-from stability.actions import SpikeWatch
+from stability import parallel
 from stability.config import compose
-from stability.monitors import Monitors
-from stability.train import Trainer
+from stability.runtime import Runtime
+from stability.trainer import Trainer
+from stability.watch.actions import SpikeWatch
+from stability.watch.monitors import Monitors
 
 
 def main() -> None:
@@ -35,29 +34,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cpu.apply()
-    topology = parallel.init(torch.device("cpu"), 1, 1)
     cfg = compose(f"recipe={args.recipe}", f"size={args.size}", "optim.lr=1e-3",
                   f"trainer.train_steps={args.rounds * args.steps + 10}",
-                  "checkpoint.interval=0", "checkpoint.save_final=false")
+                  "checkpoint.interval=0", "checkpoint.save_final=false",
+                  f"trainer.threads={args.threads}", "trainer.device=cpu")
+    runtime = Runtime.resolve(cfg)
+    runtime.apply()
+    topology = parallel.init(runtime.device, 1, 1)
     tmp = Path(tempfile.mkdtemp())
     watched = Trainer(cfg, tmp / "watched", [
-        Monitors(cfg.monitors, cfg.model.num_layers),
-        SpikeWatch(cfg.detectors, cfg.actions, tmp / "watched", False, topology.device),
-    ], topology=topology)
-    plain = Trainer(cfg, tmp / "plain", [], topology=topology)
+        Monitors(cfg.monitors, cfg.model.num_layers, cfg.trainer.seed),
+        SpikeWatch(cfg.detectors, cfg.actions),
+    ], runtime=runtime, topology=topology)
+    plain = Trainer(cfg, tmp / "plain", [], runtime=runtime, topology=topology)
     for trainer in (watched, plain):
-        for callback in trainer.callbacks:
-            callback.on_train_start(trainer)
+        trainer.start(resume=False)
         for _ in range(2):  # warm-up
             trainer.train_step()
+            trainer.finish_step()
     times: dict[str, list[float]] = {"with monitors+detectors": [], "without": []}
     for _ in range(args.rounds):
         for name, trainer in (("with monitors+detectors", watched), ("without", plain)):
             start = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(args.steps):  # a step and its flush (log_interval=1)
                 trainer.train_step()
+                trainer.finish_step()
             times[name].append((time.perf_counter() - start) / args.steps)
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"size={args.size} recipe={args.recipe} threads={args.threads} "

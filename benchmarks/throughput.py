@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 import stability  # noqa: F401
 from stability import cpu, parallel
-from stability.config import Config, compose, ffn_hidden_size
-from stability.loss import vocab_parallel_loss
-from stability.model import build_model, causal_mask
-from stability.optim import build_optimizer, clip_grads, grad_norm
+from stability.config import Config, compose
+from stability.model.build import build_model, causal_mask
+from stability.model.loss import vocab_parallel_loss
+from stability.optim.adamw import build_optimizer, clip_grads, grad_norm
+from stability.runtime import Runtime
 from stability.throughput import cpu_matmul_flops, model_flops_per_token
 
 
@@ -37,7 +38,7 @@ class Block(nn.Module):
         h, self.heads = m.hidden_size, m.num_attention_heads
         norm = nn.RMSNorm if m.norm_type == "rmsnorm" else nn.LayerNorm
         self.swiglu = m.activation == "swiglu"
-        ffn = ffn_hidden_size(m)
+        ffn = m.ffn_size
         self.norm1, self.norm2 = norm(h, eps=m.norm_eps), norm(h, eps=m.norm_eps)
         self.qkv = nn.Linear(h, 3 * h, bias=m.bias)
         self.proj = nn.Linear(h, h, bias=m.bias)
@@ -114,12 +115,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = compose(f"recipe={args.recipe}", f"size={args.size}", "optim.lr=1e-3")
-    cpu.apply()
-    parallel.init(torch.device("cpu"), 1, 1)
-    cpu.seed_model_parallel_rng(0, 0)
+    cfg = compose(f"recipe={args.recipe}", f"size={args.size}", "optim.lr=1e-3",
+                  "trainer.device=cpu")
+    runtime = Runtime.resolve(cfg)
+    runtime.apply()
+    parallel.init(runtime.device, 1, 1)
+    cpu.seed_model_parallel_rng(0, 0, "cpu")
     vocab = 8192
-    ours = build_model(cfg, vocab)
+    ours = build_model(cfg.model, runtime, vocab_size=vocab, seq_length=cfg.data.seq_length,
+                       seed=cfg.trainer.seed)
     plain = PlainGPT(cfg, vocab)
     b, s = cfg.trainer.global_batch_size, cfg.data.seq_length
     mask = causal_mask(s, torch.device("cpu"))
@@ -161,7 +165,7 @@ def main() -> None:
     n_ours = sum(p.numel() for p in ours.parameters())
     n_plain = sum(p.numel() for p in plain.parameters())
     tokens = b * s
-    flops = model_flops_per_token(cfg, vocab) * tokens
+    flops = model_flops_per_token(cfg.model, vocab, s) * tokens
     # QK^T and AV run inside SDPA, not as matrix multiplies.
     gemm_flops = flops - 6 * cfg.model.num_layers * s * cfg.model.hidden_size * tokens
     peak = cpu_matmul_flops(args.threads, n=2048, reps=5)

@@ -9,35 +9,40 @@
   weights. Imported only on that path, so nothing GPU-only is imported on CPU.
 
 The loop calls, per step: ``zero_grad``; the pipeline schedule on ``wrapped`` (with
-``no_sync_func`` / ``finalize_grads_func`` set on the model config); ``finish_grads``;
-``grad_norm``; ``clip``; ``step``. ``optimizer`` is what the LR scheduler, fault injection and
-monitors read (``param_groups``, ``state``) and what the skip action sets ``skip`` on.
+``no_sync_func`` set on the model config); ``finish_grads``; ``grad_norm``; ``clip``;
+``step(skip)``. ``optimizer`` is what the LR scheduler, fault injection and monitors read
+(``param_groups``, ``state``). Every optimizer can skip a step on a device-side decision in the
+same fused kernel (:class:`stability.optim.adamw.SkipStepAdamW`), so no engine needs to know in
+advance whether a policy will ask for it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from stability.config import Config
-from stability.optim import build_optimizer, clip_grads, grad_norm
+from stability.optim.adamw import build_optimizer, clip_grads, grad_norm, set_hyperparameters
+from stability.optim.config import OptimConfig
 from stability.parallel import Topology
+
+if TYPE_CHECKING:
+    from stability.runtime import Runtime
 
 
 class TorchEngine:
     """The CPU path: torch DDP (or an explicit all-reduce) and torch AdamW."""
 
-    def __init__(self, model: torch.nn.Module, chunks: list[torch.nn.Module], cfg: Config,
-                 topology: Topology, skippable: bool) -> None:
+    def __init__(self, model: torch.nn.Module, chunks: list[torch.nn.Module],
+                 params: list[torch.nn.Parameter], cfg: OptimConfig, topology: Topology) -> None:
         self.model = model
         self.chunks = chunks
         self.cfg = cfg
         self.topology = topology
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
         self.explicit_reduce = topology.dp_size > 1 and topology.pp_size > 1
         if topology.dp_size > 1 and not self.explicit_reduce:
             self.wrapped: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(
@@ -49,7 +54,7 @@ class TorchEngine:
             # the interleaved schedule).
             self.wrapped = chunks[0] if len(chunks) == 1 else chunks
             self.no_sync_func = None
-        self.optimizer = build_optimizer(model, cfg.optim, skippable=skippable)
+        self.optimizer = build_optimizer(model, cfg)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -71,7 +76,10 @@ class TorchEngine:
     def clip(self, norm: torch.Tensor, max_norm: float) -> None:
         clip_grads(self.params, norm, max_norm)
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor | None = None) -> None:
+        """The optimizer step; where ``skip`` (a 0-dim bool tensor) is true, parameters and
+        optimizer state stay exactly as they were."""
+        self.optimizer.skip = skip
         self.optimizer.step()
 
     def grads(self) -> list[torch.Tensor | None]:
@@ -82,7 +90,10 @@ class TorchEngine:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the moments and step counts; the hyperparameters (betas, eps) are this
+        run's config, also when the checkpoint was written with others."""
         self.optimizer.load_state_dict(state)
+        set_hyperparameters(self.optimizer.param_groups, self.cfg)
 
 
 def all_reduce_tied_embedding_grads(chunks: list[torch.nn.Module]) -> None:
@@ -102,12 +113,14 @@ def all_reduce_tied_embedding_grads(chunks: list[torch.nn.Module]) -> None:
     dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
 
 
-def build_engine(model: torch.nn.Module, chunks: list[torch.nn.Module], cfg: Config,
-                 topology: Topology, skippable: bool):
+def build_engine(model: torch.nn.Module, chunks: list[torch.nn.Module],
+                 params: list[torch.nn.Parameter], cfg: OptimConfig, topology: Topology,
+                 runtime: Runtime):
     """The torch engine on CPU; megatron-core's DDP and optimizer on GPU. ``model`` is the
-    rank's model as one module; ``chunks`` its virtual pipeline stages (``[model]`` without)."""
-    if topology.device.type == "cuda":
+    rank's model as one module; ``chunks`` its virtual pipeline stages (``[model]`` without);
+    ``params`` its trainable parameters."""
+    if runtime.is_cuda:
         from stability.megatron_engine import MegatronEngine  # GPU-only imports live there
 
-        return MegatronEngine(model, chunks, cfg, topology, skippable)
-    return TorchEngine(model, chunks, cfg, topology, skippable)
+        return MegatronEngine(model, chunks, params, cfg, topology, runtime)
+    return TorchEngine(model, chunks, params, cfg, topology)

@@ -9,8 +9,8 @@
 
 The step is megatron's ``prepare_grads`` -> our grad norm and clip -> ``step_with_ready_grads``:
 megatron's own ``clip_grad_norm`` returns the norm as a Python float (a host sync per step),
-ours stays a device tensor. The skip action needs a device-side skip: when it is configured,
-the inner optimizer over the fp32 master shards is our :class:`SkipStepAdamW`.
+ours stays a device tensor. The inner optimizer over the fp32 master shards is our
+:class:`SkipStepAdamW` (torch's fused AdamW, which can skip a step on a device-side decision).
 
 Monitors: per-layer gradient norms read ``main_grad`` (the reduced gradients) without the
 distributed optimizer; with it each rank holds only its shard reduced, so ``grads()`` returns
@@ -32,21 +32,23 @@ from megatron.core.distributed import (
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from stability.config import Config, resolve_precision
-from stability.optim import SkipStepAdamW
+from stability.optim.adamw import SkipStepAdamW, set_hyperparameters
+from stability.optim.config import OptimConfig
 from stability.parallel import Topology
+from stability.runtime import Runtime
 
 
 class MegatronEngine:
     """megatron-core DDP + (distributed) mixed-precision optimizer, behind the engine interface."""
 
-    def __init__(self, model: torch.nn.Module, chunks: list[torch.nn.Module], cfg: Config,
-                 topology: Topology, skippable: bool) -> None:
-        o = cfg.optim
-        bf16 = resolve_precision(cfg.trainer.precision, topology.device) == "bf16"
+    def __init__(self, model: torch.nn.Module, chunks: list[torch.nn.Module],
+                 params: list[torch.nn.Parameter], cfg: OptimConfig, topology: Topology,
+                 runtime: Runtime) -> None:
+        o = cfg
+        bf16 = runtime.bf16
         self.model = model
         self.cfg = cfg
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.params = params
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=True,
             use_distributed_optimizer=o.distributed, average_in_collective=True)
@@ -69,11 +71,10 @@ class MegatronEngine:
             self.ddp_chunks)
         self.parts = list(getattr(self.megatron_optimizer, "chained_optimizers",
                                   [self.megatron_optimizer]))
-        if skippable:
-            for part in self.parts:  # same parameter groups, a step that can be skipped
-                part.optimizer = SkipStepAdamW(part.optimizer.param_groups, lr=o.lr,
-                                               betas=(o.beta1, o.beta2), eps=o.eps,
-                                               weight_decay=o.weight_decay)
+        for part in self.parts:  # same parameter groups, a step that can be skipped
+            part.optimizer = SkipStepAdamW(part.optimizer.param_groups, lr=o.lr,
+                                           betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=True)
         self.optimizer = _OptimizerView(self.megatron_optimizer, self.parts)
 
     # ------------------------------------------------------------------ the step
@@ -109,14 +110,17 @@ class MegatronEngine:
         if grads:
             torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
 
-    def step(self) -> None:
+    def step(self, skip: torch.Tensor | None = None) -> None:
+        """Where ``skip`` is true the fp32 masters, moments and step counts stay as they were
+        (and so do the bf16 weights copied from them)."""
         for part in self.parts:
+            part.optimizer.skip = skip
             part.step_with_ready_grads()  # inner step, masters -> bf16 weights (all-gather)
 
     def grads(self) -> list[torch.Tensor | None] | None:
         """Reduced gradients aligned with the model's parameters, for the monitors; None with
         the distributed optimizer (each rank holds only its shard reduced)."""
-        if self.cfg.optim.distributed:
+        if self.cfg.distributed:
             return None
         return [getattr(p, "main_grad", None) for p in self.params]
 
@@ -131,19 +135,20 @@ class MegatronEngine:
         for part, inner, masters in zip(self.parts, state["inner"], state["masters"],
                                         strict=True):
             part.optimizer.load_state_dict(inner)
+            set_hyperparameters(part.optimizer.param_groups, self.cfg)
             with torch.no_grad():
                 for param, saved in zip(part.get_parameters(), masters, strict=True):
                     param.copy_(saved)
             if hasattr(part, "_copy_main_params_to_model_params"):
                 part._copy_main_params_to_model_params()
-        if self.cfg.optim.distributed:
+        if self.cfg.distributed:
             for ddp in self.ddp_chunks:  # every rank's shard to every rank
                 ddp.start_param_sync(force_sync=True)
 
 
 class _OptimizerView:
-    """What the scheduler, fault injection, monitors and the skip action see of the optimizer:
-    megatron's parameter groups and state, and ``skip`` forwarded to the inner optimizers."""
+    """What the scheduler, fault injection and monitors see of the optimizer: megatron's
+    parameter groups and state."""
 
     def __init__(self, megatron_optimizer, parts) -> None:
         self._megatron = megatron_optimizer
@@ -156,12 +161,3 @@ class _OptimizerView:
     @property
     def state(self):
         return self._parts[0].optimizer.state if len(self._parts) == 1 else self._megatron.state
-
-    @property
-    def skip(self) -> torch.Tensor | None:
-        return getattr(self._parts[0].optimizer, "skip", None)
-
-    @skip.setter
-    def skip(self, value: torch.Tensor | None) -> None:
-        for part in self._parts:
-            part.optimizer.skip = value

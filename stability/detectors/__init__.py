@@ -17,7 +17,7 @@ from stability.detectors.base import (
     build_detectors,
     register,
 )
-from stability.detectors.replay import DetectorSuite, read_metrics, replay
+from stability.detectors.replay import DetectorSuite, read_metrics
 
 DEFAULT_DETECTORS: list[str] = [
     "nonfinite",
@@ -41,5 +41,4 @@ __all__ = [
     "build_detectors",
     "read_metrics",
     "register",
-    "replay",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from stability.detectors.base import Event, build_detectors
+from stability.runfiles import iter_jsonl
+
+log = logging.getLogger(__name__)
 
 
 class DetectorSuite:
@@ -63,43 +66,12 @@ class DetectorSuite:
 
 
 def read_metrics(path: Path | str) -> Iterator[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl``, in file order.
-
-    NaN/Infinity tokens (Python's json) are read as floats. A last line that does not parse
-    (a run killed mid-write) is dropped; a bad line before the last raises.
-
-    Raises:
-        ValueError: A malformed line other than the last, or a row that is not an object with
-            a ``step``.
-    """
-    path = Path(path)
-    with path.open() as f:
-        pending: tuple[int, str] | None = None
-        for n, line in enumerate(f, 1):
-            if pending is not None:
-                yield _parse(path, *pending)
-            pending = (n, line) if line.strip() else None
-        if pending is not None:
-            try:
-                yield _parse(path, *pending)
-            except ValueError:
-                return
-
-
-def _parse(path: Path, n: int, line: str) -> dict[str, Any]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n} is not JSON ({e})") from None
-    if not isinstance(row, dict) or "step" not in row:
-        raise ValueError(f"{path}:{n} is not a JSON object with a 'step'")
-    return row
-
-
-def replay(rows: Iterable[Mapping[str, Any]], detectors: Iterable[Any]) -> list[Event]:
-    """Feed rows, in order, to the detectors; all events, in row then detector order."""
-    suite = detectors if isinstance(detectors, DetectorSuite) else DetectorSuite(detectors)
-    events: list[Event] = []
-    for row in rows:
-        events.extend(suite.update(int(row["step"]), row))
-    return events
+    """Rows of a ``metrics.jsonl``, in file order, read by the one reader of run files
+    (``stability.runfiles.iter_jsonl``): NaN/Infinity tokens are floats, a torn last line is
+    dropped, a bad line elsewhere is reported with its line number and skipped, and a row
+    without a ``step`` is skipped likewise."""
+    for row in iter_jsonl(path):
+        if "step" in row:
+            yield row
+        else:
+            log.warning("%s: skipping a row without a 'step': %s", path, row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from stability.callbacks import Callback
+from stability.callbacks import Callback, Control, Flush, StepState
 
 
 def _duration(seconds: float) -> str:
@@ -26,8 +26,8 @@ class ConsoleProgress(Callback):
         self.stream = stream
         self._last_print = 0.0
 
-    def on_metrics(self, trainer, rows) -> None:
-        row = rows[-1]
+    def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
+        row = flush.rows[-1]
         now = time.monotonic()
         if now - self._last_print < self.min_seconds and row["step"] < self.total_steps:
             return

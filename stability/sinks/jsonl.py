@@ -1,73 +1,76 @@
 """metrics.jsonl and events.jsonl: one JSON object per line, appended as the run goes.
 
-NaN and Infinity are written as Python's json writes them. On resume the files are cut back to
-the checkpoint's step, so every step appears once however often the run was interrupted.
+NaN and Infinity are written as Python's json writes them. On a resume the files are cut back
+to the checkpoint's step, so every step appears once however often the run was interrupted;
+on a rollback metrics.jsonl is cut back too (the rolled-back steps are replaced), while
+events.jsonl keeps the events that caused it. Reading, writing and cutting go through
+``stability.runfiles`` (one torn-line policy for every reader). Rank 0 only.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from stability.callbacks import Callback
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All complete rows of a JSON-lines file; a torn last line (a kill mid-write) is dropped."""
-    rows = []
-    if not path.exists():
-        return rows
-    with path.open() as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
+from stability.callbacks import Callback, Control, Flush, StepState
+from stability.runfiles import RunFiles, append_jsonl, truncate_jsonl
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep the rows with ``step <= max_step``, rewriting the file atomically."""
-    if not path.exists():
-        return
-    rows = [row for row in read_jsonl(path) if row.get("step", 0) <= max_step]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+class _Appender(Callback):
+    """Appends rows to one JSON-lines file, cut back to the step a run continues from."""
+
+    cut_on_rollback = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+
+    def on_restore(self, state: StepState, reason: str) -> None:
+        if reason == "resume" or self.cut_on_rollback:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            truncate_jsonl(self.path, state.step)
+        if self._file is None:
+            self._file = self.path.open("a")
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
+        if rows:
+            append_jsonl(self._file, rows)
+
+    def on_close(self, state: StepState, summary: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return value  # json writes NaN / Infinity tokens, as the contract says
-    return value
-
-
-class JsonlWriter(Callback):
-    """Appends metric rows to metrics.jsonl (rank 0 only)."""
+class MetricsWriter(_Appender):
+    """metrics.jsonl: every flushed row."""
 
     name = "metrics_file"
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self._file = None
+        super().__init__(RunFiles(Path(run_dir)).metrics)
 
-    def on_restore(self, trainer, reason) -> None:
-        if self._file is not None:
-            self._file.close()
-        truncate_jsonl(self.path, trainer.step)
-        self._file = self.path.open("a")
+    def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
+        self._append(flush.rows)
 
-    def on_metrics(self, trainer, rows) -> None:
-        for row in rows:
-            self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        self._file.flush()
 
-    def on_close(self, trainer, status) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+class EventsWriter(_Appender):
+    """events.jsonl: every detector event with its action, and one line on stderr each."""
+
+    name = "events_file"
+    cut_on_rollback = False  # a rollback keeps the record of why it happened
+
+    def __init__(self, run_dir: Path, stream: TextIO | None = None) -> None:
+        super().__init__(RunFiles(Path(run_dir)).events)
+        self.stream = stream
+
+    def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
+        self._append(flush.events)
+        stream = self.stream or sys.stderr
+        for e in flush.events:
+            print(f"[{e['severity']}] step {e['step']} {e['detector']}: {e['metric']}="
+                  f"{e['value']:.4g} (threshold {e['threshold']:.4g}) -> {e['action']}",
+                  file=stream, flush=True)

@@ -13,31 +13,29 @@ Alerts: the events of one step form an incident, and an incident sends at most o
 log") never alert. The client throttles: at most one alert per (detector, metric) every
 ``alert_min_interval_steps`` steps (errors bypass this), and at most ``max_alerts`` per run.
 
+Each flush is logged step by step: a step's metrics row together with the markers of the events
+found in it, so events never reach W&B before the row they came from.
+
 The run starts in ``on_restore("resume")``, after a checkpoint (if any) gave back the W&B run id,
 so a resumed or requeued run continues the same W&B run. An in-process rollback does not rewind
-the sink: W&B has already seen what came after the checkpoint. Rank 0 only.
+the sink (``restore_on_rollback = False``): W&B has already seen what came after the checkpoint.
+Built on rank 0 only.
 ``logger.wandb.mode=offline`` writes ``<run_dir>/wandb/offline-run-*/`` for
 ``wandb sync``; see docs/wandb.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import secrets
 import string
-from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import wandb
 
-from stability.callbacks import Callback
-from stability.config import WandbConfig
-from stability.errors import ConfigError
-
-if TYPE_CHECKING:
-    from stability.train import Trainer
+from stability.callbacks import Callback, Control, Flush, StepState
+from stability.sinks.config import WandbConfig
 
 TRAIN_KEYS = frozenset({"loss", "grad_norm", "lr", "tokens", "z_loss"})
 """What is optimised and how: ``train/<key>``."""
@@ -126,31 +124,23 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, int | float) else str(value)
 
 
-def _run_throughput(trainer) -> dict[str, float]:
-    throughput = getattr(trainer, "throughput", None)
-    return throughput.summary() if throughput is not None else {}
-
-
-def validate_wandb(cfg: WandbConfig) -> None:
-    """Raise ConfigError on a bad ``logger.wandb`` value (the sink calls it before any work)."""
-    if cfg.alert_min_interval_steps < 0:
-        raise ConfigError("logger.wandb.alert_min_interval_steps", cfg.alert_min_interval_steps,
-                          ">= 0")
-    if cfg.max_alerts < 0:
-        raise ConfigError("logger.wandb.max_alerts", cfg.max_alerts, ">= 0")
-    if cfg.table_interval_steps < 1:
-        raise ConfigError("logger.wandb.table_interval_steps", cfg.table_interval_steps, ">= 1")
-
-
 class WandbSink(Callback):
-    """Logs metrics, events and alerts to one W&B run per run directory (rank 0 only)."""
+    """Logs metrics, events and alerts to one W&B run per run directory.
+
+    Args:
+        cfg: ``logger.wandb``.
+        run_dir: The run directory (W&B's local files go to ``<run_dir>/wandb``).
+        config: The run's resolved config, as W&B's run config.
+    """
 
     name = "wandb"
+    restore_on_rollback = False
 
-    def __init__(self, cfg: WandbConfig) -> None:
-        validate_wandb(cfg)
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]) -> None:
         self.cfg = cfg
-        self.run: Any = None  # wandb.Run once started on rank 0
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.run: Any = None  # wandb.Run once started
         self.run_id: str | None = None
         self.events: list[dict[str, Any]] = []
         self.event_count = 0
@@ -159,74 +149,60 @@ class WandbSink(Callback):
         self.alerts_suppressed = 0
         self.table_step: int | None = None  # step of the last table logged
         self.table_rows = 0  # event_count when it was logged
-        self.last_loss = float("nan")
 
     # ------------------------------------------------------------------ hooks
-    def on_restore(self, trainer: Trainer, reason: str) -> None:
+    def on_restore(self, state: StepState, reason: str) -> None:
         if reason == "resume":  # after the checkpoint (if any) gave us the run id back
-            self._start(trainer)
+            self._start()
 
-    def _start(self, trainer: Trainer) -> None:
-        """``wandb.init`` once, on rank 0, continuing the checkpoint's W&B run if there is one."""
-        if self.run is not None or not trainer.topology.is_main:
+    def _start(self) -> None:
+        """``wandb.init`` once, continuing the checkpoint's W&B run if there is one."""
+        if self.run is not None:
             return
-        run_dir = Path(trainer.run_dir)
         self.run_id = self.run_id or new_run_id()
         self.run = wandb.init(
             mode=self.cfg.mode, project=self.cfg.project, entity=self.cfg.entity,
-            name=self.cfg.name or run_dir.resolve().name, tags=list(self.cfg.tags),
-            dir=str(run_dir), config=dataclasses.asdict(trainer.cfg), id=self.run_id,
-            resume="allow")
+            name=self.cfg.name or self.run_dir.resolve().name, tags=list(self.cfg.tags),
+            dir=str(self.run_dir), config=self.config, id=self.run_id, resume="allow")
         self.run.define_metric(STEP_KEY, hidden=True)
         self.run.define_metric("*", step_metric=STEP_KEY)
 
-    def on_metrics(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        self._start(trainer)  # no-op once started (on_restore starts it in the loop)
-        if self.run is None:
-            return
-        for row in rows:
+    def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
+        self._start()  # no-op once started (on_restore starts it in the loop)
+        for row in flush.rows:
+            incident = flush.events_at(row["step"])
+            self.event_count += len(incident)
             numbers = {k: _number(v) for k, v in row.items()}
             data = {wandb_name(k): v for k, v in numbers.items() if v is not None}
+            data.update({MARKER_PREFIX + str(e.get("metric", "unknown")): _float(e.get("value"))
+                         for e in incident})
             data[EVENTS_KEY] = self.event_count
             self.run.log(data)
-            if "loss" in row:
-                self.last_loss = _float(row["loss"])
-
-    def on_events(self, trainer: Trainer, events: list[dict[str, Any]]) -> None:
-        self._start(trainer)
-        if self.run is None or not events:
-            return
-        by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for event in events:
-            by_step[int(event.get("step", trainer.step))].append(event)
-        for step in sorted(by_step):
-            incident = by_step[step]
-            self.event_count += len(incident)
-            self.events.extend(self._row(e) for e in incident)
-            markers = {MARKER_PREFIX + str(e.get("metric", "unknown")): _float(e.get("value"))
-                       for e in incident}
-            self.run.log({STEP_KEY: step, EVENTS_KEY: self.event_count, **markers})
-            self._alert(trainer, step, incident)
+            if incident:
+                self.events.extend(self._row(e) for e in incident)
+                self._alert(row["step"], incident)
         del self.events[:-MAX_TABLE_ROWS]
-        since = None if self.table_step is None else abs(trainer.step - self.table_step)
-        if since is None or since >= self.cfg.table_interval_steps:
-            self._log_table(trainer.step)
+        if flush.events:
+            step = flush.rows[-1]["step"]
+            since = None if self.table_step is None else abs(step - self.table_step)
+            if since is None or since >= self.cfg.table_interval_steps:
+                self._log_table(step)
 
-    def on_close(self, trainer: Trainer, status: str) -> None:
+    def on_close(self, state: StepState, summary: dict[str, Any]) -> None:
         if self.run is None:
             return
-        if status == "completed" and not math.isfinite(self.last_loss):
-            status = "diverged"  # as Trainer.summary() reports it
         if self.event_count != self.table_rows:
-            self._log_table(trainer.step)
+            self._log_table(state.step)
         self.run.summary.update({
-            "status": status, "final_loss": self.last_loss, "final_step": trainer.step,
-            EVENTS_KEY: self.event_count, "alerts_sent": self.alerts_sent,
-            "alerts_suppressed": self.alerts_suppressed,
+            "status": summary["status"], "final_loss": summary["final_loss"],
+            "final_step": summary["steps"], EVENTS_KEY: self.event_count,
+            "alerts_sent": self.alerts_sent, "alerts_suppressed": self.alerts_suppressed,
             # The run's throughput (stability/throughput.py), as in summary.json.
-            **{f"perf/run_{k}": v for k, v in _run_throughput(trainer).items()},
+            **{f"perf/run_{k}": summary[k] for k in ("tokens_per_s", "model_flops_per_s",
+                                                     "mfu") if k in summary},
         })
-        self.run.finish(exit_code=0 if status in ("completed", "stopped", "preempted") else 1)
+        ok = summary["status"] in ("completed", "stopped", "preempted")
+        self.run.finish(exit_code=0 if ok else 1)
         self.run = None
 
     # ------------------------------------------------------------------ state
@@ -239,10 +215,6 @@ class WandbSink(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.run is not None:
-            # A rollback inside a live run: W&B has already seen (and alerted on) what came
-            # after the checkpoint, so keep the run's own view instead of rewinding it.
-            return
         self.run_id = state.get("run_id") or self.run_id
         self.events = list(state.get("events", []))
         self.event_count = state.get("event_count", len(self.events))
@@ -269,7 +241,7 @@ class WandbSink(Callback):
         self.table_step = step
         self.table_rows = self.event_count
 
-    def _alert(self, trainer: Trainer, step: int, incident: list[dict[str, Any]]) -> None:
+    def _alert(self, step: int, incident: list[dict[str, Any]]) -> None:
         """Send at most one alert for the events of one step, within the throttle."""
         alertable = [e for e in incident if e.get("action") != "log"]
         if not alertable:
@@ -288,7 +260,7 @@ class WandbSink(Callback):
         self.alerts_sent += 1
         error = any(e.get("severity") == "error" for e in due)
         self.run.alert(title=alert_title(lead, step),
-                       text=self._text(trainer, step, lead, incident),
+                       text=self._text(step, lead, incident),
                        level=wandb.AlertLevel.ERROR if error else wandb.AlertLevel.WARN,
                        wait_duration=ALERT_WAIT_SECONDS)
 
@@ -296,11 +268,10 @@ class WandbSink(Callback):
     def _key(event: dict[str, Any]) -> str:
         return f"{event.get('detector', '')}|{event.get('metric', '')}"
 
-    def _text(self, trainer: Trainer, step: int, lead: dict[str, Any],
-              incident: list[dict[str, Any]]) -> str:
+    def _text(self, step: int, lead: dict[str, Any], incident: list[dict[str, Any]]) -> str:
         name = self.run.name if self.run is not None else ""
         lines = [
-            f"run: {name} ({Path(trainer.run_dir).resolve()})",
+            f"run: {name} ({self.run_dir.resolve()})",
             f"step: {step}",
             f"metric: {lead.get('metric')} = {_fmt(_float(lead.get('value')))} "
             f"(threshold {_fmt(_float(lead.get('threshold')))}, "

@@ -57,11 +57,13 @@ def test_cli_detector_choice_params_and_state(tmp_path, capsys):
     assert "nonfinite" in json.loads(state.read_text())["detectors"]
 
 
-def test_read_metrics_tolerates_only_a_torn_last_line(tmp_path):
+def test_read_metrics_reports_a_bad_line_and_keeps_the_rest(tmp_path, caplog):
     path = write_metrics(tmp_path / "m.jsonl", falling_loss(5))
     assert [r["step"] for r in read_metrics(path)] == [0, 1, 2, 3, 4]
-    path.write_text('{"step": 1}\n{"step": 2, "loss"\n{"step": 3}\n')
-    assert main([str(path)]) == 2
+    path.write_text('{"step": 1}\n{"step": 2, "loss"\n{"step": 3}\n{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 3]  # the torn last line quietly
+    assert [r.getMessage().split(": ")[0] for r in caplog.records] == [f"{path}:2"]
+    assert main([str(path)]) == 0
 
 
 def run_cli(*args):

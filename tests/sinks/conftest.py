@@ -15,11 +15,10 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
-def make_trainer(tiny_config):
-    """A stand-in for the Trainer with what the W&B sink reads: run_dir, step, cfg, topology."""
-    def make(run_dir: Path, step: int = 0, is_main: bool = True) -> SimpleNamespace:
-        return SimpleNamespace(run_dir=run_dir, step=step, cfg=tiny_config,
-                               topology=SimpleNamespace(is_main=is_main))
+def make_state():
+    """A stand-in for the loop's StepState with what a sink reads: the step."""
+    def make(step: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(step=step)
 
     return make
 

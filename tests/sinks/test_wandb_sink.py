@@ -1,4 +1,4 @@
-"""The W&B sink, driven directly with a stand-in trainer; its offline run file is read back."""
+"""The W&B sink, driven directly through its hooks; its offline run file is read back."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import math
 import pytest
 import wandb_records as wr
 
-from stability.config import WandbConfig
+from stability.callbacks import Control, Flush
 from stability.errors import ConfigError
+from stability.sinks.config import WandbConfig
 from stability.sinks.wandb import (
     EVENTS_KEY,
     TABLE_COLUMNS,
@@ -56,39 +57,42 @@ EVENTS = [
 LATE_EVENT = event(60)                                 # the interval has passed: alert 3
 
 
+def summary(step: int, loss: float) -> dict:
+    return {"status": "completed", "steps": step, "final_loss": loss, "tokens_per_s": 1e4}
+
+
 @pytest.fixture(scope="module")
-def offline_run(offline_env, tmp_path_factory, make_trainer):
+def offline_run(offline_env, tmp_path_factory, make_state, tiny_config):
     """Drive one sink through a run (then resume it), return what it left on disk."""
     run_dir = tmp_path_factory.mktemp("run") / "llama2-tiny"
     run_dir.mkdir()
-    trainer = make_trainer(run_dir)
+    state = make_state()
     cfg = WandbConfig(mode="offline", project="stability-test", tags=["test"],
                       alert_min_interval_steps=50, max_alerts=20, table_interval_steps=100)
-    sink = WandbSink(cfg)
-    sink.on_train_start(trainer)
-    sink.on_restore(trainer, "resume")
+    config = dataclasses.asdict(tiny_config)
+    sink = WandbSink(cfg, run_dir, config)
+    sink.on_train_start(state)
+    sink.on_restore(state, "resume")
     done = 0
-    for batch in EVENTS:  # as the loop does: a flush's events, then its metric rows
-        trainer.step = batch[-1]["step"]
-        sink.on_events(trainer, batch)
-        sink.on_metrics(trainer, rows(done + 1, trainer.step))
-        done = trainer.step
-    trainer.step = STEPS
-    sink.on_metrics(trainer, rows(8, STEPS))
-    trainer.step = 60
-    sink.on_events(trainer, [LATE_EVENT])
-    state = sink.state_dict()
-    sink.on_close(trainer, "completed")
+    for batch in EVENTS:  # as the loop does: a flush's rows with the events found in them
+        state.step = batch[-1]["step"]
+        sink.on_metrics(state, Flush(rows(done + 1, state.step), batch), Control())
+        done = state.step
+    state.step = STEPS
+    sink.on_metrics(state, Flush(rows(8, STEPS)), Control())
+    state.step = 60
+    sink.on_metrics(state, Flush(rows(60, 60), [LATE_EVENT]), Control())
+    saved = sink.state_dict()
+    sink.on_close(state, summary(60, 4.0))
     first = sorted((run_dir / "wandb").glob("offline-run-*"))
 
     # A resumed process: the checkpoint's state brings the W&B run id back.
-    resumed = WandbSink(cfg)
-    resumed.load_state_dict(json.loads(json.dumps(state)))
-    trainer.step = 60
-    resumed.on_train_start(trainer)
-    resumed.on_restore(trainer, "resume")
-    resumed.on_metrics(trainer, rows(61, 62))
-    resumed.on_close(trainer, "completed")
+    resumed = WandbSink(cfg, run_dir, config)
+    resumed.load_state_dict(json.loads(json.dumps(saved)))
+    resumed.on_train_start(state)
+    resumed.on_restore(state, "resume")
+    resumed.on_metrics(state, Flush(rows(61, 62)), Control())
+    resumed.on_close(state, summary(62, 4.0))
     second = [p for p in sorted((run_dir / "wandb").glob("offline-run-*")) if p not in first]
     assert len(first) == 1 and len(second) == 1
     records = wr.read_finished(next(first[0].glob("run-*.wandb")))
@@ -99,16 +103,16 @@ def offline_run(offline_env, tmp_path_factory, make_trainer):
 def test_history_holds_the_metrics_under_stable_names(offline_run):
     history = [h for h in wr.history(offline_run["records"]) if "train/loss" in h]
     logged = {h["step"]: h["train/loss"] for h in history}
-    assert sorted(logged) == list(range(1, STEPS + 1))
+    assert sorted(logged) == [*range(1, STEPS + 1), 60]
     for step, loss in logged.items():
-        expected = LOSSES[step - 1]
+        expected = LOSSES[step - 1] if step <= STEPS else 4.0
         assert (math.isnan(loss) and math.isnan(expected)) or loss == expected, step
     row = next(h for h in history if h["step"] == 7)
     assert row["spike/logsumexp_mean"] == math.inf  # non-finite values are logged, not dropped
     assert row["train/grad_norm"] == 8.0 and row["spike/grad_norm/layer_1"] == 0.5
     assert row["perf/step_time"] == 0.1 and row["other/mystery"] == 7
     assert not any(k.endswith(("note", "mfu")) for k in row)  # strings and None are skipped
-    assert row[EVENTS_KEY] == 6  # events up to step 7 (they arrive before the step's metrics)
+    assert row[EVENTS_KEY] == 6  # events up to step 7, logged with the step's metrics
 
 
 def test_one_alert_per_incident_throttled(offline_run):
@@ -148,7 +152,8 @@ def test_events_table_markers_and_summary(offline_run):
     assert [r[6] for r in last["data"]].count("error") == 2
 
     summary = wr.summary(offline_run["records"])
-    assert summary["status"] == "completed" and summary["final_loss"] == 5.0
+    assert summary["status"] == "completed" and summary["final_loss"] == 4.0
+    assert summary["perf/run_tokens_per_s"] == 1e4
     assert summary["alerts_sent"] == 3 and summary["alerts_suppressed"] == 2
     assert summary[TABLE_KEY]["nrows"] == 7
 
@@ -188,66 +193,68 @@ class FakeRun:
         self.logged.append(data)
 
 
-def fake_sink(tmp_path, make_trainer, **cfg) -> tuple[WandbSink, FakeRun, object]:
-    sink = WandbSink(WandbConfig(mode="offline", **cfg))
+def fake_sink(tmp_path, make_state, **cfg) -> tuple[WandbSink, FakeRun, object]:
+    sink = WandbSink(WandbConfig(mode="offline", **cfg), tmp_path, {})
     sink.run = FakeRun()
-    return sink, sink.run, make_trainer(tmp_path)
+    return sink, sink.run, make_state()
 
 
-def test_max_alerts_caps_even_errors(tmp_path, make_trainer):
-    sink, run, trainer = fake_sink(tmp_path, make_trainer, max_alerts=2)
+def events(sink, state, found: list[dict]) -> None:
+    """A flush of one row per step of ``found``, with those events."""
+    steps = sorted({e["step"] for e in found})
+    state.step = steps[-1]
+    sink.on_metrics(state, Flush([{"step": s, "loss": 1.0} for s in steps], found), Control())
+
+
+def test_max_alerts_caps_even_errors(tmp_path, make_state):
+    sink, run, state = fake_sink(tmp_path, make_state, max_alerts=2)
     for step in range(1, 6):
-        sink.on_events(trainer, [event(step, detector="nonfinite", severity="error",
-                                       kind="nonfinite", action="stop")])
+        events(sink, state, [event(step, detector="nonfinite", severity="error",
+                                   kind="nonfinite", action="stop")])
     assert len(run.alerts) == 2 and sink.alerts_suppressed == 3
     assert "alert limit reached (2)" in run.alerts[-1]["text"]
 
 
-def test_interval_is_per_detector_and_metric(tmp_path, make_trainer):
-    sink, run, trainer = fake_sink(tmp_path, make_trainer, alert_min_interval_steps=10)
+def test_interval_is_per_detector_and_metric(tmp_path, make_state):
+    sink, run, state = fake_sink(tmp_path, make_state, alert_min_interval_steps=10)
     for step in range(1, 25):
-        sink.on_events(trainer, [event(step), event(step, detector="grad_norm_spike",
-                                                    metric="grad_norm")])
+        events(sink, state, [event(step), event(step, detector="grad_norm_spike",
+                                                metric="grad_norm")])
     assert [a["title"] for a in run.alerts] == [
         "loss spike at step 1", "loss spike at step 11", "loss spike at step 21"]
     assert sink.alerts_suppressed == 21
 
 
-def test_log_action_never_alerts(tmp_path, make_trainer):
-    sink, run, trainer = fake_sink(tmp_path, make_trainer)
-    sink.on_events(trainer, [event(5, action="log"), event(5, metric="grad_norm", action="log")])
+def test_log_action_never_alerts(tmp_path, make_state):
+    sink, run, state = fake_sink(tmp_path, make_state)
+    events(sink, state, [event(5, action="log"), event(5, metric="grad_norm", action="log")])
     assert run.alerts == [] and sink.alerts_suppressed == 0 and sink.event_count == 2
 
 
-def test_table_is_relogged_at_most_every_interval(tmp_path, make_trainer, monkeypatch):
+def test_table_is_relogged_at_most_every_interval(tmp_path, make_state, monkeypatch):
     monkeypatch.setattr("stability.sinks.wandb.wandb.Table",
                         lambda columns, data: ("table", len(data)))
-    sink, run, trainer = fake_sink(tmp_path, make_trainer, table_interval_steps=20,
-                                   alert_min_interval_steps=0)
+    sink, run, state = fake_sink(tmp_path, make_state, table_interval_steps=20,
+                                 alert_min_interval_steps=0)
     for step in (1, 5, 21, 30, 41):
-        trainer.step = step
-        sink.on_events(trainer, [event(step)])
+        events(sink, state, [event(step)])
     tables = [(d["step"], d[TABLE_KEY]) for d in run.logged if TABLE_KEY in d]
     assert tables == [(1, ("table", 1)), (21, ("table", 3)), (41, ("table", 5))]
 
 
-def test_rollback_does_not_rewind_a_live_run(tmp_path, make_trainer):
-    sink, run, trainer = fake_sink(tmp_path, make_trainer)
-    checkpoint = sink.state_dict()
-    sink.on_events(trainer, [event(8)])
-    sink.load_state_dict(checkpoint)  # what a rollback does to every callback
-    assert sink.event_count == 1 and sink.last_alert == {"loss_spike|loss": 8}
+def test_rollback_does_not_rewind_a_live_run():
+    # W&B has already seen (and alerted on) what came after the checkpoint: a rollback
+    # restores the callbacks' state from it, except this one's.
+    assert WandbSink.restore_on_rollback is False
 
 
-def test_other_ranks_do_nothing(tmp_path, make_trainer):
-    sink = WandbSink(WandbConfig(mode="offline"))
-    trainer = make_trainer(tmp_path, is_main=False)
-    sink.on_train_start(trainer)
-    sink.on_restore(trainer, "resume")
-    sink.on_metrics(trainer, rows(1, 2))
-    sink.on_events(trainer, [event(1)])
-    sink.on_close(trainer, "completed")
-    assert sink.run is None and not (tmp_path / "wandb").exists()
+def test_events_reach_wandb_with_the_row_they_came_from(tmp_path, make_state):
+    sink, run, state = fake_sink(tmp_path, make_state, alert_min_interval_steps=0)
+    sink.on_metrics(state, Flush([{"step": 4, "loss": 2.0}, {"step": 5, "loss": 9.0}],
+                                 [event(5)]), Control())
+    assert [(d["step"], d.get("train/loss"), d.get("spike/marker/loss"), d[EVENTS_KEY])
+            for d in run.logged if "step" in d and TABLE_KEY not in d] == [
+        (4, 2.0, None, 0), (5, 9.0, 9.0, 1)]
 
 
 @pytest.mark.parametrize("key, name", [
@@ -281,4 +288,4 @@ def test_alert_titles_stay_under_64_characters():
                                           ("max_alerts", -2), ("table_interval_steps", 0)])
 def test_bad_config_is_a_config_error(field, value):
     with pytest.raises(ConfigError, match=f"logger.wandb.{field}"):
-        WandbSink(WandbConfig(mode="offline", **{field: value}))
+        WandbConfig(mode="offline", **{field: value}).validate()

@@ -15,7 +15,8 @@ from helpers import make_config
 from parity import train
 
 from stability import parallel
-from stability.train import Trainer
+from stability.runtime import Runtime
+from stability.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (the GPU path: bf16, megatron DDP)")
@@ -33,14 +34,14 @@ def gpu_process():
 
 def test_bf16_keeps_fp32_masters_and_trains(tmp_path, gpu_process):
     cfg = make_config(*TINY, "trainer.precision=bf16", "optim.lr=3e-3")
-    trainer = Trainer(cfg, tmp_path, [], topology=gpu_process)
+    trainer = Trainer(cfg, tmp_path, [], runtime=Runtime.resolve(cfg), topology=gpu_process)
     assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
     masters = [p for part in trainer.engine.parts for p in part.get_parameters()]
     assert masters and {p.dtype for p in masters} == {torch.float32}
     losses = []
     for _ in range(10):
         trainer.train_step()
-        losses.append(float(trainer.step_loss))
+        losses.append(float(trainer.state.loss))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
@@ -49,10 +50,10 @@ def test_no_host_sync_outside_logging_steps(tmp_path, gpu_process):
 
     cfg = make_config(*TINY, "trainer.log_interval=4", "monitors.interval=2",
                       "actions.on_spike=skip_step")
-    callbacks = default_callbacks(cfg, tmp_path, True, gpu_process.device)
-    trainer = Trainer(cfg, tmp_path, callbacks, topology=gpu_process)
-    trainer._call("on_train_start")
-    trainer._call("on_restore", "resume")
+    callbacks = default_callbacks(cfg, tmp_path, True)
+    trainer = Trainer(cfg, tmp_path, callbacks, runtime=Runtime.resolve(cfg),
+                      topology=gpu_process)
+    trainer.start(resume=False)
     trainer.train_step()  # warm-up: lazy initialisation (optimizer state, kernels)
     torch.cuda.synchronize()
     for _ in range(2):  # steps 2 and 3: neither is a logging step (log_interval=4)
@@ -61,9 +62,9 @@ def test_no_host_sync_outside_logging_steps(tmp_path, gpu_process):
             trainer.train_step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    trainer.train_step()  # step 4 flushes: the one host transfer
-    assert trainer.last_metrics["step"] == 4 and "mfu" in trainer.last_metrics
-    trainer._call("on_close", "completed")
+    trainer.train_step()
+    trainer.finish_step()  # step 4 flushes: the one host transfer
+    assert trainer.last_row["step"] == 4 and "mfu" in trainer.last_row
 
 
 def test_distributed_optimizer_resumes_exactly(tmp_path):
@@ -95,12 +96,12 @@ def test_fp32_gpu_matches_fp32_cpu_and_bf16_is_close(tmp_path):
 def test_transformer_engine_spec_trains_every_norm_position(tmp_path, gpu_process, norm_position):
     cfg = make_config(*TINY, "model.attention_backend=te", f"model.norm_position={norm_position}",
                       "model.qk_layernorm=true", "optim.lr=3e-3")
-    trainer = Trainer(cfg, tmp_path, [], topology=gpu_process)
+    trainer = Trainer(cfg, tmp_path, [], runtime=Runtime.resolve(cfg), topology=gpu_process)
     names = [type(m).__name__ for m in trainer.model.modules()]
     assert "TEDotProductAttention" in names
     assert ("TELayerNormColumnParallelLinear" in names) == (norm_position != "post")
     losses = []
     for _ in range(8):
         trainer.train_step()
-        losses.append(float(trainer.step_loss))
+        losses.append(float(trainer.state.loss))
     assert losses[-1] < losses[0]

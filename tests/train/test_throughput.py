@@ -6,27 +6,26 @@ import io
 import json
 
 import pytest
-from helpers import make_config
+from helpers import build_model_for, make_config, make_trainer
 
-from stability.model import build_model
 from stability.sinks.console import ConsoleProgress
-from stability.sinks.jsonl import JsonlWriter
+from stability.sinks.jsonl import MetricsWriter
 from stability.throughput import gpu_peak_flops, model_flops_per_token
-from stability.train import Trainer
 
 
 @pytest.mark.parametrize("recipe", ["llama2", "gpt"])
 def test_flops_per_token_is_six_per_matmul_parameter_plus_attention(single_process, recipe):
     cfg = make_config(f"recipe={recipe}", "model.num_query_groups=2")
     vocab = 1000
-    model = build_model(cfg, vocab)
+    model = build_model_for(cfg, vocab)
     padded_vocab = model.vocab_size
     matmul = sum(p.numel() for name, p in model.named_parameters()
                  if p.ndim == 2 and "embeddings" not in name)
     if cfg.model.tie_embeddings:  # the output layer is the embedding matrix
         matmul += padded_vocab * cfg.model.hidden_size
     attention = 6 * cfg.model.num_layers * cfg.data.seq_length * cfg.model.hidden_size
-    assert model_flops_per_token(cfg, padded_vocab) == 6 * matmul + attention
+    assert model_flops_per_token(cfg.model, padded_vocab, cfg.data.seq_length) == \
+        6 * matmul + attention
 
 
 def test_gpu_peaks_by_name():
@@ -41,9 +40,9 @@ def test_rows_summary_and_console_report_mfu(tmp_path, single_process):
     cfg = make_config("trainer.train_steps=4", "trainer.log_interval=2", "checkpoint.interval=0",
                       "checkpoint.save_final=false")
     console = io.StringIO()
-    trainer = Trainer(cfg, tmp_path, [JsonlWriter(tmp_path),
-                                      ConsoleProgress(4, min_seconds=0, stream=console)],
-                      topology=single_process)
+    trainer = make_trainer(cfg, tmp_path, [MetricsWriter(tmp_path),
+                                           ConsoleProgress(4, min_seconds=0, stream=console)],
+                           single_process)
     summary = trainer.fit()
     rows = [json.loads(line)
             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import REPO, make_config
+from helpers import REPO, make_config, make_trainer
 
-from stability.actions import SpikeWatch
 from stability.callbacks import Callback
 from stability.checkpoint import complete_checkpoints
-from stability.train import Trainer
+from stability.watch.actions import SpikeWatch
+from stability.watch.fault import FaultInjector
 
 SPIKE = ["size=tiny", "recipe=llama2", "optim.lr=3e-3", "trainer.train_steps=70",
          "fault.at_step=50", "fault.kind=lr_spike", "fault.magnitude=300",
@@ -81,7 +81,7 @@ def test_nan_is_caught_at_the_first_bad_step_and_never_applied(tmp_path):
     first = rows(tmp_path / "events.jsonl")[0]
     assert (first["step"], first["kind"], first["action"]) == (12, "nonfinite", "stop")
     latest = complete_checkpoints(tmp_path / "checkpoints")[-1]
-    state = torch.load(latest / "rank_00000.pt", weights_only=False)
+    state = torch.load(latest / "rank_00000.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state["model"].values()
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
@@ -95,23 +95,30 @@ class ParameterProbe(Callback):
         self.before: dict[int, list[torch.Tensor]] = {}
         self.after: dict[int, list[torch.Tensor]] = {}
 
-    def before_optimizer_step(self, trainer) -> None:
-        self.before[trainer.step + 1] = [p.detach().clone() for p in trainer.params]
+    def before_optimizer_step(self, state, control) -> None:
+        self.before[state.step + 1] = [p.detach().clone() for p in state.params]
 
-    def on_step_end(self, trainer) -> None:
-        self.after[trainer.step] = [p.detach().clone() for p in trainer.params]
+    def on_step_end(self, state) -> None:
+        self.after[state.step] = [p.detach().clone() for p in state.params]
+
+
+class SkippedSteps(Callback):
+    """The steps whose rows say they were skipped."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_metrics(self, state, flush, control) -> None:
+        self.steps.extend(row["step"] for row in flush.rows if row["skipped"])
 
 
 def test_skip_step_leaves_parameters_unchanged(tmp_path, single_process):
     cfg = make_config(*SPIKE, "actions.on_spike=skip_step")
-    probe = ParameterProbe()
-    watch = SpikeWatch(cfg.detectors, cfg.actions, tmp_path, True, torch.device("cpu"))
-    trainer = Trainer(cfg, tmp_path, [watch, probe], topology=single_process)
-    skipped = []
-    trainer.callbacks.append(type("Rows", (Callback,), {
-        "on_metrics": lambda self, t, rows: skipped.extend(r["step"] for r in rows
-                                                           if r["skipped"])})())
+    probe, rows = ParameterProbe(), SkippedSteps()
+    callbacks = [FaultInjector(cfg.fault), SpikeWatch(cfg.detectors, cfg.actions), probe, rows]
+    trainer = make_trainer(cfg, tmp_path, callbacks, single_process)
     assert trainer.fit()["status"] == "completed"
+    skipped = rows.steps
     assert skipped and 50 <= skipped[0] <= 53, skipped
     for step in skipped:
         for before, after in zip(probe.before[step], probe.after[step], strict=True):

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import make_config, make_trainer
 
 from stability.callbacks import Callback
-from stability.monitors import Monitors
-from stability.train import Trainer
+from stability.watch.monitors import Monitors
 
 
 class Probe(Callback):
@@ -22,11 +21,11 @@ class Probe(Callback):
         self.query_key: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
         self.embedding: torch.Tensor | None = None
 
-    def on_train_start(self, trainer) -> None:
-        for layer in trainer.model.decoder.layers:
+    def on_train_start(self, state) -> None:
+        for layer in state.model.decoder.layers:
             layer.self_attention.core_attention.register_forward_pre_hook(
                 self._capture(layer.layer_number))
-        trainer.model.embedding.register_forward_hook(self._capture_embedding)
+        state.model.embedding.register_forward_hook(self._capture_embedding)
 
     def _capture(self, number):
         def hook(module, args):
@@ -38,9 +37,9 @@ class Probe(Callback):
         if self.embedding is None:
             self.embedding = output.detach().clone()
 
-    def before_optimizer_step(self, trainer) -> None:
-        self.params_before = [p.detach().clone() for p in trainer.params]
-        self.grads = [p.grad.detach().clone() for p in trainer.params]
+    def before_optimizer_step(self, state, control) -> None:
+        self.params_before = [p.detach().clone() for p in state.params]
+        self.grads = [p.grad.detach().clone() for p in state.params]
 
 
 def run_one_step(tmp_path, topology, *overrides, rows_fraction=1.0):
@@ -48,14 +47,13 @@ def run_one_step(tmp_path, topology, *overrides, rows_fraction=1.0):
                       "checkpoint.interval=0", "checkpoint.save_final=false",
                       "logger.console=false", "monitors.interval=1",
                       f"monitors.update_rows_fraction={rows_fraction}", *overrides)
-    monitors, probe = Monitors(cfg.monitors, cfg.model.num_layers), Probe()
-    trainer = Trainer(cfg, tmp_path, [probe, monitors], topology=topology)
-    for callback in trainer.callbacks:
-        callback.on_train_start(trainer)
+    monitors, probe = Monitors(cfg.monitors, cfg.model.num_layers, cfg.trainer.seed), Probe()
+    trainer = make_trainer(cfg, tmp_path, [probe, monitors], topology)
+    trainer.start(resume=False)
     trainer.train_step()  # Adam state exists from here on
     probe.query_key, probe.embedding = {}, None
     trainer.train_step()
-    return trainer, probe
+    return trainer, probe, trainer.buffer.flush()[-1]
 
 
 def layer_of(name: str) -> int | None:
@@ -65,8 +63,7 @@ def layer_of(name: str) -> int | None:
 
 def test_monitors_equal_direct_computations(tmp_path, single_process):
     # Grouped-query attention (4 heads, 1 group): the monitor must repeat keys as SDPA does.
-    trainer, probe = run_one_step(tmp_path, single_process, "model.num_query_groups=1")
-    recorded = {k: float(v) for k, v in trainer.step_tensors.items()}
+    trainer, probe, recorded = run_one_step(tmp_path, single_process, "model.num_query_groups=1")
     names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     num_layers = trainer.cfg.model.num_layers
 
@@ -82,7 +79,7 @@ def test_monitors_equal_direct_computations(tmp_path, single_process):
                                              for n in range(1, num_layers + 1))
 
     # Per-layer grad norm and, with every row sampled, the exact update/parameter ratio.
-    after = [p.detach() for p in trainer.params]
+    after = [p.detach() for p in trainer.state.params]
     for number in range(1, num_layers + 1):
         members = [i for i, n in enumerate(names) if layer_of(n) == number]
         grad = math.sqrt(sum(probe.grads[i].double().square().sum().item() for i in members))
@@ -97,7 +94,7 @@ def test_monitors_equal_direct_computations(tmp_path, single_process):
 
     # Share of Adam second moments with sqrt(v) < eps, and the embedding output's std.
     eps = trainer.cfg.optim.eps
-    v = torch.cat([s["exp_avg_sq"].flatten() for s in trainer.optimizer.state.values()])
+    v = torch.cat([s["exp_avg_sq"].flatten() for s in trainer.engine.optimizer.state.values()])
     assert recorded["adam_v_below_eps"] == pytest.approx((v.sqrt() < eps).double().mean().item())
     assert 0.0 < recorded["adam_v_below_eps"] < 1.0
     assert recorded["embedding_std"] == pytest.approx(probe.embedding.float().std().item(),
@@ -105,9 +102,8 @@ def test_monitors_equal_direct_computations(tmp_path, single_process):
 
 
 def test_sampled_update_ratio_estimates_the_exact_one(tmp_path, single_process):
-    exact, _ = run_one_step(tmp_path / "exact", single_process, rows_fraction=1.0)
-    sampled, _ = run_one_step(tmp_path / "sampled", single_process, rows_fraction=0.0625)
-    for n in range(1, exact.cfg.model.num_layers + 1):
+    trainer, _, exact = run_one_step(tmp_path / "exact", single_process, rows_fraction=1.0)
+    _, _, sampled = run_one_step(tmp_path / "sampled", single_process, rows_fraction=0.0625)
+    for n in range(1, trainer.cfg.model.num_layers + 1):
         key = f"update_ratio/layer_{n}"
-        assert float(sampled.step_tensors[key]) == pytest.approx(
-            float(exact.step_tensors[key]), rel=0.25)
+        assert sampled[key] == pytest.approx(exact[key], rel=0.25)

@@ -1,9 +1,10 @@
 """Acting on detector events: log, alert, skip the step, roll back, stop.
 
 ``SpikeWatch`` runs the detectors on every metrics row (the same code ``python -m
-stability.detect`` runs offline), writes ``events.jsonl``, tells the other callbacks (W&B
-alerts) and asks the trainer to roll back or stop. A step is skipped on the device, in the same
-step, by ``SkipGuard``: host-side detectors see a step only after it happened.
+stability.detect`` runs offline), decides an action for each event, adds the events to the
+flush (the events sink writes ``events.jsonl`` and the console lines, W&B alerts) and asks the
+loop, through its control object, to roll back or stop. A step is skipped on the device, in the
+same step, by ``SkipGuard``: host-side detectors see a step only after it happened.
 
 Policies (``actions.on_spike`` for loss/grad-norm spikes, ``actions.on_nonfinite``,
 ``actions.on_leading``): ``log`` writes the event; ``alert`` also alerts (W&B); ``skip_step``
@@ -16,16 +17,11 @@ applied when on_nonfinite is skip_step, rollback or stop, so a stopping checkpoi
 
 from __future__ import annotations
 
-import json
-import sys
-from pathlib import Path
-
 import torch
 
-from stability.callbacks import Callback
-from stability.config import ActionsConfig, DetectorsConfig
+from stability.callbacks import Callback, Control, Flush, StepState
 from stability.detectors import DetectorSuite, Event
-from stability.sinks.jsonl import truncate_jsonl
+from stability.watch.config import ActionsConfig, DetectorsConfig
 
 _STRENGTH = {"log": 0, "alert": 1, "skip_step": 2, "rollback": 3, "stop": 4}
 
@@ -45,8 +41,11 @@ class SkipGuard:
         self.spikes = spikes
         self.history = torch.full((2, window), float("nan"), device=device)
         self.count = torch.zeros((), dtype=torch.long, device=device)
+        self.slots = torch.arange(window, device=device)
 
     def decide(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """True where this step's update must be skipped; no host sync (the ring buffer's slot
+        is a mask, not an index)."""
         values = torch.stack([loss.float(), grad_norm.float()])
         skip = ~torch.isfinite(values).all()
         if self.spikes:
@@ -57,8 +56,8 @@ class SkipGuard:
             spike = (n >= 10) & (values > mean + self.zscore * var.sqrt())
             skip = skip | spike.any()
         finite = torch.isfinite(values).all()
-        slot = self.count % self.window
-        self.history[:, slot] = torch.where(finite, values, self.history[:, slot])
+        slot = (self.slots == self.count % self.window) & finite
+        self.history = torch.where(slot, values[:, None], self.history)
         self.count += finite.long()
         return skip
 
@@ -66,8 +65,20 @@ class SkipGuard:
         return {"history": self.history, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = state["history"].to(self.history.device)
-        self.count = state["count"].to(self.count.device)
+        """Restore; a history of another window length (``actions.skip_window`` changed on
+        resume) keeps its newest values, in order."""
+        history, count = state["history"].to(self.history.device), int(state["count"])
+        saved = history.shape[1]
+        if saved != self.window:
+            kept = min(saved, self.window, count)
+            order = [(count - kept + i) % saved for i in range(kept)]
+            self.history = torch.full((2, self.window), float("nan"),
+                                      device=self.history.device)
+            self.history[:, :kept] = history[:, order]
+            count = kept
+        else:
+            self.history = history
+        self.count = torch.tensor(count, dtype=torch.long, device=self.count.device)
 
 
 class SpikeWatch(Callback):
@@ -75,58 +86,44 @@ class SpikeWatch(Callback):
 
     name = "spike_watch"
 
-    def __init__(self, detectors: DetectorsConfig, actions: ActionsConfig, run_dir: Path,
-                 is_main: bool, device: torch.device) -> None:
+    def __init__(self, detectors: DetectorsConfig, actions: ActionsConfig) -> None:
         self.suite = DetectorSuite.from_names(detectors.names, detectors.params)
         self.cfg = actions
-        self.path = run_dir / "events.jsonl"
-        self.is_main = is_main
-        skip_spikes = actions.on_spike == "skip_step"
-        skip_nonfinite = actions.on_nonfinite in ("skip_step", "rollback", "stop")
-        self.guard = (SkipGuard(actions.skip_window, actions.skip_zscore, skip_spikes, device)
-                      if skip_spikes or skip_nonfinite else None)
+        self.guard: SkipGuard | None = None
 
-    @property
-    def needs_skippable_optimizer(self) -> bool:
-        return self.guard is not None
+    def on_train_start(self, state: StepState) -> None:
+        a = self.cfg
+        skip_spikes = a.on_spike == "skip_step"
+        if skip_spikes or a.on_nonfinite in ("skip_step", "rollback", "stop"):
+            self.guard = SkipGuard(a.skip_window, a.skip_zscore, skip_spikes, state.device)
 
-    def on_restore(self, trainer, reason: str) -> None:
-        if self.is_main and reason == "resume":  # a rollback keeps the record of why it happened
-            truncate_jsonl(self.path, trainer.step)
-
-    def before_optimizer_step(self, trainer) -> None:
+    def before_optimizer_step(self, state: StepState, control: Control) -> None:
         if self.guard is None:
             return
-        skip = self.guard.decide(trainer.step_loss, trainer.step_grad_norm)
-        trainer.optimizer.skip = skip
-        trainer.record("skipped", skip.float())
+        skip = self.guard.decide(state.loss, state.grad_norm)
+        control.skip_update(skip)
+        state.record("skipped", skip.float())
 
-    def on_metrics(self, trainer, rows) -> None:
-        events = [self._decide(trainer, event, row)
-                  for row in rows for event in self.suite.update(row["step"], row)]
+    def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
+        events = [self._decide(state, event, row)
+                  for row in flush.rows for event in self.suite.update(row["step"], row)]
         if not events:
             return
-        if self.is_main:
-            with self.path.open("a") as f:
-                for event in events:
-                    f.write(json.dumps(event.to_json()) + "\n")
-                    print(f"[{event.severity}] step {event.step} {event.detector}: "
-                          f"{event.metric}={event.value:.4g} (threshold {event.threshold:.4g})"
-                          f" -> {event.action}", file=sys.stderr, flush=True)
-        trainer.emit_events([e.to_json() for e in events])
+        flush.events.extend(event.to_json() for event in events)
         strongest = max(events, key=lambda e: _STRENGTH[e.action])
+        reason = f"{strongest.detector} at step {strongest.step}"
         if strongest.action == "stop":
-            trainer.request_stop(f"{strongest.detector} at step {strongest.step}")
+            control.stop(reason)
         elif strongest.action == "rollback":
-            trainer.request_rollback(strongest.step - self.cfg.rollback_margin_steps,
-                                     self.cfg.rollback_skip_batches)
+            control.rollback(strongest.step - self.cfg.rollback_margin_steps,
+                             self.cfg.rollback_skip_batches, reason)
 
-    def _decide(self, trainer, event: Event, row: dict) -> Event:
+    def _decide(self, state: StepState, event: Event, row: dict) -> Event:
         policy = {"nonfinite": self.cfg.on_nonfinite, "spike": self.cfg.on_spike,
                   "leading": self.cfg.on_leading}[event.kind]
         if policy == "skip_step":
             policy = "skip_step" if row.get("skipped") else "alert"
-        if policy == "rollback" and trainer.rollbacks >= self.cfg.max_rollbacks:
+        if policy == "rollback" and state.rollbacks >= self.cfg.max_rollbacks:
             policy = "stop"
         return event.with_action(policy)
 

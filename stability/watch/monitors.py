@@ -1,13 +1,15 @@
 """Per-step statistics worth watching, recorded as device tensors.
 
-Every statistic is a tensor handed to ``trainer.record``; the trainer moves a whole batch of
-steps to the host in one transfer (``trainer.log_interval``). Nothing here calls ``.item()``.
+Every statistic is a tensor handed to ``state.record``; the loop moves a whole batch of steps
+to the host in one transfer (``trainer.log_interval``). Nothing here calls ``.item()``.
 
 Recorded keys (per layer ``N`` counts from 1, as megatron's ``layer_number``):
 
 - ``grad_norm/layer_N``: gradient L2 norm of the layer's parameters (``interval``);
 - ``update_ratio/layer_N``, ``update_ratio_max``: ||theta_after - theta_before|| / ||theta_before||
-  measured on a fixed random share of each weight's rows (``update_interval``);
+  measured on a fixed random share of each weight's rows (``update_interval``), on the fp32
+  master weights where the optimizer keeps them (bf16 weights would hide updates below one
+  bf16 ulp);
 - ``attn_logit_max/layer_N``, ``attn_logit_max``: max over heads and positions of q.k/sqrt(d)
   (first sequence of the first micro batch: bounded memory at any length);
 - ``adam_v_below_eps``: share of Adam second-moment entries with sqrt(v) < eps (eps dominates
@@ -28,8 +30,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from stability.callbacks import Callback
-from stability.config import MonitorConfig
+from stability.callbacks import Callback, Control, StepState
+from stability.watch.config import MonitorConfig
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
@@ -39,20 +41,22 @@ class Monitors(Callback):
 
     name = "monitors"
 
-    def __init__(self, cfg: MonitorConfig, num_layers: int) -> None:
+    def __init__(self, cfg: MonitorConfig, num_layers: int, seed: int) -> None:
         self.cfg = cfg
         self.num_layers = num_layers
+        self.seed = seed
         self._attention: dict[int, torch.Tensor] = {}
         self._capture_attention = False
         self._updates = False
+        self._embedding_recorded = False
         self._full = False
         self._before: list[torch.Tensor] | None = None
         self._causal_biases: dict[int, torch.Tensor] = {}
         self._layer_index: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
-    def on_train_start(self, trainer) -> None:
-        model = trainer.model
+    def on_train_start(self, state: StepState) -> None:
+        model = state.model
         # Parameter -> global layer index (0-based), or -1 for embedding / head / final norm.
         local_to_global = {i: layer.layer_number - 1
                            for i, layer in enumerate(model.decoder.layers)}
@@ -60,11 +64,11 @@ class Monitors(Callback):
         for name, _ in model.named_parameters():
             match = _LAYER.search(name)
             self._layer_of.append(local_to_global[int(match.group(1))] if match else -1)
-        self._counted = [param_is_not_tensor_parallel_duplicate(p) for p in trainer.params]
+        self._counted = [param_is_not_tensor_parallel_duplicate(p) for p in state.params]
         # The same random rows of each parameter every step (seeded: identical on resume).
-        generator = torch.Generator().manual_seed(trainer.cfg.trainer.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         self._rows = []
-        for p in trainer.params:
+        for p in state.params:
             n = p.shape[0]
             k = max(1, round(n * self.cfg.update_rows_fraction))
             rows = torch.randperm(n, generator=generator)[:k].sort().values
@@ -73,7 +77,7 @@ class Monitors(Callback):
             attention = layer.self_attention.core_attention
             attention.register_forward_pre_hook(self._attention_hook(layer.layer_number - 1))
         if getattr(model, "pre_process", False):
-            model.embedding.register_forward_hook(self._embedding_hook(trainer))
+            model.embedding.register_forward_hook(self._embedding_hook(state))
 
     def _attention_hook(self, index: int):
         def hook(module, args):
@@ -98,58 +102,60 @@ class Monitors(Callback):
             self._causal_biases[length] = bias
         return bias
 
-    def _embedding_hook(self, trainer):
+    def _embedding_hook(self, state: StepState):
         def hook(module, args, output):
-            if self._updates and "embedding_std" not in trainer.step_tensors:
-                trainer.record("embedding_std", output.detach().float().std())
+            if self._updates and not self._embedding_recorded:  # the first micro batch's
+                self._embedding_recorded = True
+                state.record("embedding_std", output.detach().float().std())
         return hook
 
     # ------------------------------------------------------------------ per step
-    def _due(self, trainer, every: int) -> bool:
-        return self.cfg.enabled and every > 0 and (trainer.step + 1) % every == 0
+    def _due(self, state: StepState, every: int) -> bool:
+        return self.cfg.enabled and every > 0 and (state.step + 1) % every == 0
 
-    def on_step_start(self, trainer) -> None:
-        self._capture_attention = self._due(trainer, self.cfg.attention_interval)
+    def on_step_start(self, state: StepState) -> None:
+        self._capture_attention = self._due(state, self.cfg.attention_interval)
         self._attention = {}
-        self._updates = self._due(trainer, self.cfg.update_interval)
-        self._full = self._due(trainer, self.cfg.interval)
+        self._updates = self._due(state, self.cfg.update_interval)
+        self._embedding_recorded = False
+        self._full = self._due(state, self.cfg.interval)
 
-    def before_optimizer_step(self, trainer) -> None:
+    def before_optimizer_step(self, state: StepState, control: Control) -> None:
         if self._updates:
-            self._before = [p.detach()[rows] for p, rows in zip(trainer.params, self._rows)]
+            self._before = [_master(p).detach()[rows]
+                            for p, rows in zip(state.params, self._rows)]
         if not self._full:
             return
-        grads = trainer.engine.grads()  # None: sharded by megatron's distributed optimizer
+        grads = state.grads()  # None: sharded by megatron's distributed optimizer
         if grads is None:
             return
         squares = self._per_layer(grads)
         squares = _sum_over_model_parallel(squares)
         for i, value in enumerate(squares.sqrt().unbind()):
-            trainer.record(f"grad_norm/layer_{i + 1}", value)
+            state.record(f"grad_norm/layer_{i + 1}", value)
 
-    def on_step_end(self, trainer) -> None:
+    def on_step_end(self, state: StepState) -> None:
         if self._capture_attention and self._attention:
-            logits = torch.full((self.num_layers,), float("-inf"),
-                                device=trainer.device)
+            logits = torch.full((self.num_layers,), float("-inf"), device=state.device)
             for index, value in self._attention.items():
                 logits[index] = value
             logits = _max_over_model_parallel(logits)
             for i, value in enumerate(logits.unbind()):
-                trainer.record(f"attn_logit_max/layer_{i + 1}", value)
-            trainer.record("attn_logit_max", logits.max())
+                state.record(f"attn_logit_max/layer_{i + 1}", value)
+            state.record("attn_logit_max", logits.max())
         self._capture_attention = False
         if self._before is not None:
-            after = [p.detach()[rows] for p, rows in zip(trainer.params, self._rows)]
+            after = [_master(p).detach()[rows] for p, rows in zip(state.params, self._rows)]
             deltas = self._per_layer(torch._foreach_sub(after, self._before))
             norms = self._per_layer(self._before)
             ratio = (_sum_over_model_parallel(deltas) /
                      _sum_over_model_parallel(norms).clamp(min=1e-30)).sqrt()
             for i, value in enumerate(ratio.unbind()):
-                trainer.record(f"update_ratio/layer_{i + 1}", value)
-            trainer.record("update_ratio_max", ratio.max())
+                state.record(f"update_ratio/layer_{i + 1}", value)
+            state.record("update_ratio_max", ratio.max())
             self._before = None
         if self._full:
-            trainer.record("adam_v_below_eps", self._adam_v_below_eps(trainer.optimizer))
+            state.record("adam_v_below_eps", self._adam_v_below_eps(state.optimizer))
 
     # ------------------------------------------------------------------ helpers
     def _per_layer(self, tensors: list[torch.Tensor | None]) -> torch.Tensor:
@@ -183,10 +189,18 @@ class Monitors(Callback):
                     total += state["exp_avg_sq"].numel()
         if not below:
             return torch.zeros(())
+        # A fill, not torch.tensor(total): no host-to-device copy on the hot path.
         counts = torch.stack([torch.stack(below).sum().float(),
-                              torch.tensor(float(total), device=below[0].device)])
+                              torch.full((), float(total), device=below[0].device)])
         counts = _sum_over_model_parallel(counts)  # tensor-parallel shards of the same state
         return counts[0] / counts[1].clamp(min=1.0)
+
+
+def _master(param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 master copy megatron's mixed-precision optimizer keeps of a bf16 weight
+    (``main_param``), where it is whole; else the weight itself."""
+    main = getattr(param, "main_param", None)
+    return main if main is not None and main.shape == param.shape else param
 
 
 def _model_parallel_size() -> int:
