@@ -27,6 +27,7 @@ import pandas as pd
 import yaml
 
 from analysis import metrics as M
+from stability.runfiles import read_jsonl
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _SKIP_DIRS = {"wandb", "checkpoints", "__pycache__", ".hydra", ".git"}
@@ -84,35 +85,6 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
             continue
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
     return sorted(found, key=lambda p: natural_key(p.as_posix()))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON-lines file into a list of dicts; a missing file gives ``[]``.
-
-    ``NaN``/``Infinity`` tokens are read as floats. A malformed last line (a run killed while
-    writing) is dropped silently; a malformed line elsewhere is dropped with a warning.
-    """
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return []
-    try:  # one parse for the whole file is several times faster than one per line
-        records = json.loads("[" + text.strip().replace("\n", ",") + "]")
-        return [r for r in records if isinstance(r, dict)]
-    except json.JSONDecodeError:
-        pass  # a truncated or malformed line (or a blank one): parse line by line
-    lines = [line for line in text.splitlines() if line.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                warnings.warn(f"{path}:{i + 1}: skipping a malformed line", stacklevel=2)
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
 
 
 def _read_yaml(path: Path) -> Any:

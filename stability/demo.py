@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from stability.sinks.jsonl import read_jsonl
+from stability.runfiles import read_jsonl
 
 RECIPES = ("gpt", "llama2")
 

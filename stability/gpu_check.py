@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,10 @@ from pathlib import Path
 
 import torch
 
-from stability.model.backends import resolve_attention_backend
+from stability.config import compose
+from stability.errors import ConfigError
+from stability.runfiles import RunFiles, read_jsonl
+from stability.runtime import Runtime
 from stability.throughput import gpu_peak_flops
 
 QUIET = ["logger.console=false", "checkpoint.interval=0", "checkpoint.save_final=false"]
@@ -43,8 +45,8 @@ def train(run_dir: Path, overrides: list[str], env: dict[str, str] | None = None
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
         raise SystemExit(f"run failed: {' '.join(overrides)}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    files = RunFiles(run_dir)
+    rows, summary = read_jsonl(files.metrics), files.read_summary()
     print(f"  ({time.perf_counter() - start:.0f} s) {' '.join(overrides)}")
     return rows, summary
 
@@ -81,8 +83,8 @@ def throughput(out: Path, steps: int, micro_batch: int, global_batch: int) -> No
     mfu = [r["mfu"] for r in steady if "mfu" in r]
     flops = sum(r["model_flops_per_s"] for r in steady) / len(steady)
     print(f"  loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f} ({summary['status']})")
-    print(f"  tokens/s {tps:,.0f} | model TFLOP/s {flops / 1e12:.1f} | MFU "
-          f"{(sum(mfu) / len(mfu)):.1%}" if mfu else "  MFU n/a (GPU not in the peak table)")
+    mfu_text = f"{sum(mfu) / len(mfu):.1%}" if mfu else "n/a (GPU not in the peak table)"
+    print(f"  tokens/s {tps:,.0f} | model TFLOP/s {flops / 1e12:.1f} | MFU {mfu_text}")
     print(f"  peak memory {summary.get('peak_memory_gib', float('nan')):.1f} GiB | "
           f"run: tokens/s {summary.get('tokens_per_s', 0):,.0f}, MFU "
           f"{summary.get('mfu', float('nan')):.1%} (whole run, warm-up included)")
@@ -97,15 +99,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="run directories (default: tmp)")
     parser.add_argument("--skip-parity", action="store_true")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu-check needs a CUDA GPU")
+    try:
+        runtime = Runtime.resolve(compose("trainer.device=cuda"))
+    except ConfigError as error:
+        raise SystemExit(f"gpu-check needs a CUDA GPU ({error})") from None
     name = torch.cuda.get_device_name()
     peak = gpu_peak_flops(name)
     packages = {p: importlib.util.find_spec(p) is not None
                 for p in ("transformer_engine", "flash_attn", "megatron.core")}
     print(f"== {name} | torch {torch.__version__} | peak bf16 "
           f"{'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s'} | "
-          f"attention backend auto -> {resolve_attention_backend('auto')} | {packages}")
+          f"attention backend auto -> {runtime.attention_backend} | {packages}")
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     start = time.perf_counter()
     if not args.skip_parity:
