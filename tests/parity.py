@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
+from stability.runfiles import read_jsonl
+
 STEPS = 10
 COMMON = [f"trainer.train_steps={STEPS}", "trainer.threads=1", "checkpoint.interval=0",
           "checkpoint.save_final=false", "logger.console=false", "trainer.global_batch_size=8",
@@ -30,7 +32,7 @@ def train(run_dir: Path, overrides: list[str], nproc: int = 1,
     proc = subprocess.run([*launcher, *COMMON, *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     return rows
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -11,6 +10,8 @@ import sys
 import pytest
 import wandb_records as wr
 from helpers import REPO
+
+from stability.runfiles import read_jsonl
 
 
 @pytest.mark.slow
@@ -33,7 +34,7 @@ def test_offline_training_run_holds_metrics_and_an_alert(tmp_path):
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     records = wr.read_finished(files[0])
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     history = {h["step"]: h for h in wr.history(records) if "train/loss" in h}
     assert sorted(history) == [1, 2, 3, 4, 5]
     for row in metrics:

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from helpers import REPO
 
+from stability.runfiles import read_jsonl
+
 pytestmark = pytest.mark.slurm
 
 TRAIN = [sys.executable, "-m", "stability.train", "-m", "hydra/launcher=slurm"]
@@ -36,11 +38,7 @@ def job_ids(sweep_dir: Path) -> list[str]:
 
 
 def rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    return [json.loads(line) for line in lines if line.endswith("}")]  # skip a partial line
+    return read_jsonl(run_dir / "metrics.jsonl")  # a partial last line is skipped
 
 
 def summary(run_dir: Path) -> dict:

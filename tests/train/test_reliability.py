@@ -305,3 +305,28 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_run(tmp_pa
         (tmp_path / "reference" / "summary.json").read_text())["rollbacks"]
     if policy == "rollback":
         assert summary["rollbacks"] >= 1
+
+
+# ---------------------------------------------------------------------- a crash
+def test_a_crash_leaves_status_crashed_and_a_resumable_run(tmp_path, monkeypatch):
+    from stability.train import run
+    from stability.trainer import Trainer
+
+    original, run_dir = Trainer.train_step, tmp_path / "run"
+
+    def crash_at_step_7(self):
+        if self.state.step == 6:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_7)
+    cfg = make_config(*BASE, "trainer.train_steps=8", "checkpoint.interval=4")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run(cfg, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "crashed" and summary["steps"] == 6
+    assert "illegal memory access" in summary["error"]
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, 7))  # the rows up to the crash
+    train(run_dir, "trainer.train_steps=8", "checkpoint.interval=4")  # not finished: resumes
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert [r["step"] for r in rows(run_dir)] == list(range(1, 9))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 from helpers import build_model_for, make_config, make_trainer
 
+from stability.runfiles import read_jsonl
 from stability.sinks.console import ConsoleProgress
 from stability.sinks.jsonl import MetricsWriter
 from stability.throughput import gpu_peak_flops, model_flops_per_token
@@ -44,8 +44,7 @@ def test_rows_summary_and_console_report_mfu(tmp_path, single_process):
                                            ConsoleProgress(4, min_seconds=0, stream=console)],
                            single_process)
     summary = trainer.fit()
-    rows = [json.loads(line)
-            for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1

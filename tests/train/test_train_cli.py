@@ -15,6 +15,7 @@ import yaml
 from helpers import REPO
 
 from stability.checkpoint import complete_checkpoints
+from stability.runfiles import read_jsonl
 
 
 def command(run_dir: Path, *overrides: str) -> list[str]:
@@ -30,7 +31,7 @@ def run_ok(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 RECIPE_VALUES = {

@@ -16,6 +16,7 @@ from helpers import REPO, make_config, make_trainer
 
 from stability.callbacks import Callback
 from stability.checkpoint import complete_checkpoints
+from stability.runfiles import read_jsonl
 from stability.watch.actions import SpikeWatch
 from stability.watch.fault import FaultInjector
 
@@ -34,7 +35,7 @@ def train(run_dir: Path, *overrides: str) -> dict:
 
 
 def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_jsonl(path)
 
 
 def test_lr_spike_is_detected_within_3_steps_and_a_leading_detector_fires_first(tmp_path):
