@@ -173,6 +173,15 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
+def keep_lines(path: Path, count: int) -> None:
+    """Keep the first ``count`` lines of a file, whatever they hold (atomically)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if len(lines) > count:
+        write_atomic(path, "".join(lines[:count]))
+
+
 # ---------------------------------------------------------------------- durable writes
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new file in ``path`` durable (a no-op where directories can't be

@@ -1,10 +1,12 @@
 """metrics.jsonl and events.jsonl: one JSON object per line, appended as the run goes.
 
-NaN and Infinity are written as Python's json writes them. On a resume the files are cut back
-to the checkpoint's step, so every step appears once however often the run was interrupted;
-on a rollback metrics.jsonl is cut back too (the rolled-back steps are replaced), while
-events.jsonl keeps the events that caused it. Reading, writing and cutting go through
-``stability.runfiles`` (one torn-line policy for every reader). Rank 0 only.
+NaN and Infinity are written as Python's json writes them. On a resume metrics.jsonl is cut back
+to the checkpoint's step, so every step appears once however often the run was interrupted; on
+a rollback it is cut back too (the rolled-back steps are replaced). events.jsonl is a record in
+the order things happened: a rollback keeps the events that caused it, and a resume cuts the
+file back to the lines it had when the checkpoint was written (the count is in the checkpoint),
+so events of a trajectory a rollback abandoned before that checkpoint stay. Reading, writing and
+cutting go through ``stability.runfiles`` (one torn-line policy for every reader). Rank 0 only.
 """
 
 from __future__ import annotations
@@ -14,26 +16,24 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from stability.callbacks import Callback, Control, Flush, StepState
-from stability.runfiles import RunFiles, append_jsonl, truncate_jsonl
+from stability.runfiles import RunFiles, append_jsonl, keep_lines, truncate_jsonl
 
 
 class _Appender(Callback):
-    """Appends rows to one JSON-lines file, cut back to the step a run continues from."""
-
-    cut_on_rollback = True
+    """Appends rows to one JSON-lines file, cut back (``_cut``) where the run continues."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file: TextIO | None = None
 
     def on_restore(self, state: StepState, reason: str) -> None:
-        if reason == "resume" or self.cut_on_rollback:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-            truncate_jsonl(self.path, state.step)
-        if self._file is None:
-            self._file = self.path.open("a")
+        if self._file is not None:
+            self._file.close()
+        self._cut(state, reason)
+        self._file = self.path.open("a")
+
+    def _cut(self, state: StepState, reason: str) -> None:
+        truncate_jsonl(self.path, state.step)
 
     def _append(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -61,16 +61,29 @@ class EventsWriter(_Appender):
     """events.jsonl: every detector event with its action, and one line on stderr each."""
 
     name = "events_file"
-    cut_on_rollback = False  # a rollback keeps the record of why it happened
+    restore_on_rollback = False  # a rollback keeps the record of why it happened
 
     def __init__(self, run_dir: Path, stream: TextIO | None = None) -> None:
         super().__init__(RunFiles(Path(run_dir)).events)
         self.stream = stream
+        self.lines = 0
+        """Lines written so far (a checkpoint keeps the count: a resume cuts back to it)."""
+
+    def _cut(self, state: StepState, reason: str) -> None:
+        if reason == "resume":
+            keep_lines(self.path, self.lines)
 
     def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
         self._append(flush.events)
+        self.lines += len(flush.events)
         stream = self.stream or sys.stderr
         for e in flush.events:
             print(f"[{e['severity']}] step {e['step']} {e['detector']}: {e['metric']}="
                   f"{e['value']:.4g} (threshold {e['threshold']:.4g}) -> {e['action']}",
                   file=stream, flush=True)
+
+    def state_dict(self) -> dict:
+        return {"lines": self.lines}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lines = int(state["lines"])

@@ -4,6 +4,7 @@ needed)."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -18,6 +19,8 @@ from stability.engine import TorchEngine
 from stability.metrics_buffer import MetricsBuffer
 from stability.model.loss import LossOutput
 from stability.preemption import Preemption, PreemptionWatch
+from stability.runfiles import read_jsonl
+from stability.sinks.jsonl import EventsWriter
 from stability.throughput import Throughput
 from stability.watch.actions import SkipGuard
 from stability.watch.config import FaultConfig
@@ -219,3 +222,27 @@ def test_engine_restores_moments_and_applies_this_runs_betas_and_eps(engine):
     group = other.optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.99) and group["eps"] == 1e-8
     assert all(int(s["step"]) == 1 for s in other.optimizer.state.values())
+
+
+# ---------------------------------------------------------------------- the events file
+def test_a_resume_keeps_the_events_written_before_its_checkpoint(tmp_path):
+    """Events of a trajectory a rollback abandoned (steps 30, 31) were written before the
+    checkpoint of step 28 that followed the rollback: a resume from it keeps them."""
+    def event(step):
+        return {"step": step, "detector": "loss_spike", "metric": "loss", "value": 9.0,
+                "threshold": 5.0, "score": 7.0, "severity": "warn", "kind": "spike",
+                "action": "rollback"}
+
+    writer = EventsWriter(tmp_path, stream=io.StringIO())
+    writer.on_restore(state(step=0), "resume")
+    writer.on_metrics(state(step=31), Flush([{"step": 31}], [event(30), event(31)]), Control())
+    writer.on_restore(state(step=24), "rollback")  # the file is a record: not cut
+    checkpoint = writer.state_dict()  # saved at step 28, after the rollback
+    writer.on_metrics(state(step=35), Flush([{"step": 35}], [event(35)]), Control())
+    writer.on_close(state(), {})
+
+    resumed = EventsWriter(tmp_path, stream=io.StringIO())
+    resumed.load_state_dict(checkpoint)
+    resumed.on_restore(state(step=28), "resume")
+    resumed.on_close(state(), {})
+    assert [e["step"] for e in read_jsonl(tmp_path / "events.jsonl")] == [30, 31]
