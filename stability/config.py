@@ -69,8 +69,9 @@ class TrainerConfig:
     logsumexp and loss."""
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
-    log_interval: int = 1
-    """Steps between metric rows (one host sync per flush on GPU)."""
+    log_interval: int | None = None
+    """Steps between metric rows; None = every step on CPU, every 10 steps on GPU (a flush is
+    the loop's one host sync: detectors act at flushes, a skip in the same step)."""
 
     def validate(self) -> None:
         one_of("trainer.device", self.device, DEVICES)
@@ -78,7 +79,8 @@ class TrainerConfig:
         positive("trainer.train_steps", self.train_steps)
         positive("trainer.micro_batch_size", self.micro_batch_size)
         positive("trainer.global_batch_size", self.global_batch_size)
-        positive("trainer.log_interval", self.log_interval)
+        if self.log_interval is not None:
+            positive("trainer.log_interval", self.log_interval)
         if self.threads is not None:
             positive("trainer.threads", self.threads)
 

@@ -15,6 +15,10 @@ from stability.config import Config
 from stability.errors import ConfigError
 from stability.model.backends import backend_available, resolve_attention_backend
 
+GPU_LOG_INTERVAL = 10
+"""Default steps between flushes on GPU: each flush waits for the device, so flushing every
+step would stall the queue once per step (OLMo-core and torchtitan log every 10 or more)."""
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -30,6 +34,8 @@ class Runtime:
     """Initial weights are drawn on the CPU, then moved (``model.cpu_initialization``)."""
     threads: int | None = None
     """torch intra-op threads (``trainer.threads``); None = torch's default."""
+    log_interval: int = 1
+    """Steps between metric flushes (``trainer.log_interval`` with None resolved)."""
 
     @property
     def device(self) -> torch.device:
@@ -77,9 +83,10 @@ class Runtime:
                               f"auto, sdpa or local ({m.attention_backend} needs a GPU and "
                               f"{package})")
         cpu_init = m.cpu_initialization if m.cpu_initialization is not None else device == "cpu"
+        log_interval = t.log_interval or (GPU_LOG_INTERVAL if device == "cuda" else 1)
         return cls(device_type=device, precision=precision,
                    attention_backend=resolve_attention_backend(m.attention_backend, device),
-                   cpu_initialization=cpu_init, threads=t.threads)
+                   cpu_initialization=cpu_init, threads=t.threads, log_interval=log_interval)
 
     def apply(self) -> None:
         """Process-wide settings: torch's thread count, and on the CPU the adjustments that let

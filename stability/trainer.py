@@ -173,7 +173,7 @@ class Trainer:
         last = step >= cfg.trainer.train_steps
         save_due = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (
             last and cfg.checkpoint.save_final)
-        if step % cfg.trainer.log_interval == 0 or save_due or last:
+        if step % self.runtime.log_interval == 0 or save_due or last:
             self._flush()
         control, self.control = self.control, Control()
         if control.rollback_to is not None and control.stop_reason is None:

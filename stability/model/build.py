@@ -133,7 +133,12 @@ def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length
                 seed: int, tensor: int = 1, pipeline: int = 1,
                 virtual_pipeline: int | None = None, vp_stage: int | None = None) -> GPTModel:
     """The model chunk of this rank (its pipeline stage ``vp_stage`` and tensor shard), on the
-    CPU; the caller moves it to the runtime's device. ``seed`` seeds each layer's init."""
+    CPU; the caller moves it to the runtime's device. ``seed`` seeds each layer's init.
+
+    In bf16 every parameter is bf16 (fp32 masters live in the optimizer), as megatron's
+    Float16Module makes them: megatron builds torch's norms (``WrappedTorchNorm``) in fp32, and
+    a norm with fp32 weights on bf16 activations takes torch's slow unfused path.
+    """
     config = transformer_config(m, runtime, tensor=tensor, pipeline=pipeline,
                                 virtual_pipeline=virtual_pipeline)
     layer = layer_spec(config, m.norm_position, m.qk_layernorm, runtime.attention_backend,
@@ -141,7 +146,7 @@ def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(layer, num_layers, m.norm_position),
         vocab_size=padded_vocab_size(vocab_size, m, tensor),
@@ -156,3 +161,4 @@ def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length
         scaled_embedding=m.scaled_embedding,
         embedding_layernorm=m.embedding_layernorm,
     )
+    return model.to(dtype=runtime.params_dtype) if runtime.bf16 else model

@@ -1,7 +1,8 @@
 """Per-step statistics worth watching, recorded as device tensors.
 
 Every statistic is a tensor handed to ``state.record``; the loop moves a whole batch of steps
-to the host in one transfer (``trainer.log_interval``). Nothing here calls ``.item()``.
+to the host in one transfer per flush (``trainer.log_interval``). Nothing here calls ``.item()``
+or copies host data to the device.
 
 Recorded keys (per layer ``N`` counts from 1, as megatron's ``layer_number``):
 
