@@ -36,6 +36,8 @@ class Runtime:
     """torch intra-op threads (``trainer.threads``); None = torch's default."""
     log_interval: int = 1
     """Steps between metric flushes (``trainer.log_interval`` with None resolved)."""
+    fusions: bool = False
+    """megatron-core's fused kernels (``model.fusions`` with None resolved)."""
 
     @property
     def device(self) -> torch.device:
@@ -84,9 +86,11 @@ class Runtime:
                               f"{package})")
         cpu_init = m.cpu_initialization if m.cpu_initialization is not None else device == "cpu"
         log_interval = t.log_interval or (GPU_LOG_INTERVAL if device == "cuda" else 1)
+        fusions = m.fusions if m.fusions is not None else device == "cuda"
         return cls(device_type=device, precision=precision,
                    attention_backend=resolve_attention_backend(m.attention_backend, device),
-                   cpu_initialization=cpu_init, threads=t.threads, log_interval=log_interval)
+                   cpu_initialization=cpu_init, threads=t.threads, log_interval=log_interval,
+                   fusions=fusions)
 
     def apply(self) -> None:
         """Process-wide settings: torch's thread count, and on the CPU the adjustments that let

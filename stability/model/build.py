@@ -13,6 +13,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
+from stability.model.backends import backend_available
 from stability.model.config import ModelConfig
 from stability.model.layers import block_spec, build_norm, layer_spec
 
@@ -62,14 +63,18 @@ def transformer_config(m: ModelConfig, runtime: Runtime, *, tensor: int = 1, pip
         perform_initialization=True,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        # Fusions need CUDA kernels (apex or TE); off on both paths, so that every knob builds
-        # the same modules (the TE spec fuses the norms into its linears on its own).
-        bias_activation_fusion=False,
+        # Fusions that need no apex (Runtime.fusions: on GPU by default): megatron compiles
+        # bias+GELU/SwiGLU and bias+dropout+add with torch.compile; RoPE's fused kernel is
+        # Transformer Engine's. Megatron's fused GELU needs a bias. The apex-only ones (masked
+        # softmax, persistent layer norm, gradient-accumulation fusion) stay off; the TE spec
+        # fuses the norms into its linears on its own.
+        bias_activation_fusion=runtime.fusions and (m.activation == "swiglu" or m.bias),
+        bias_dropout_fusion=runtime.fusions,
+        apply_rope_fusion=(runtime.fusions and m.position_embedding == "rope"
+                           and backend_available("te", runtime.device_type)),
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        bias_dropout_fusion=False,
         gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
         # Pipeline sends and receives one by one on gloo: batched (batch_isend_irecv) they race
         # there (megatron guards them with torch.cuda.synchronize), and the interleaved
         # schedule then reads a stage's input before it arrived.

@@ -69,6 +69,10 @@ class ModelConfig:
     slow for large models."""
     vocab_size_divisible_by: int = 128
     """Pad the vocabulary to a multiple of this times the tensor-parallel size (Megatron)."""
+    fusions: bool | None = None
+    """megatron-core's fused kernels that need no apex: bias + activation (GELU, SwiGLU) and
+    bias + dropout + add compiled by torch.compile, RoPE fused by Transformer Engine when it is
+    installed; None = on GPU, off on CPU (where runs are compared bit for bit)."""
 
     @property
     def query_groups(self) -> int:

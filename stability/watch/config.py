@@ -23,6 +23,10 @@ class MonitorConfig:
     gradients and optimizer state)."""
     attention_interval: int = 1
     """Steps between max attention logits (an extra q.k^T per layer on the first sequence)."""
+    attention_rows: int = 512
+    """Query positions (evenly spaced, the last one included) whose logits against every key
+    the attention probe reads; all of them when the sequence is no longer. At sequence 4096,
+    512 rows cost an eighth of the full q.k^T."""
     update_interval: int = 1
     """Steps between update/parameter ratios and embedding output std (cheap: see below)."""
     update_rows_fraction: float = 0.0625
@@ -33,6 +37,7 @@ class MonitorConfig:
     def validate(self) -> None:
         positive("monitors.interval", self.interval)
         positive("monitors.attention_interval", self.attention_interval, zero_ok=True)
+        positive("monitors.attention_rows", self.attention_rows)
         positive("monitors.update_interval", self.update_interval, zero_ok=True)
         in_range("monitors.update_rows_fraction", self.update_rows_fraction, 0.0, 1.0,
                  low_open=True, high_open=False)

@@ -12,7 +12,8 @@ Recorded keys (per layer ``N`` counts from 1, as megatron's ``layer_number``):
   master weights where the optimizer keeps them (bf16 weights would hide updates below one
   bf16 ulp);
 - ``attn_logit_max/layer_N``, ``attn_logit_max``: max over heads and positions of q.k/sqrt(d)
-  (first sequence of the first micro batch: bounded memory at any length);
+  (first sequence of the first micro batch, at most ``attention_rows`` evenly spaced query
+  positions against every key, in the compute dtype: bounded memory and time at any length);
 - ``adam_v_below_eps``: share of Adam second-moment entries with sqrt(v) < eps (eps dominates
   the update there: the "Adam eps" effect) (``interval``);
 - ``embedding_std``: std of the embedding output ("Spike No More": keep it near 1)
@@ -52,7 +53,7 @@ class Monitors(Callback):
         self._embedding_recorded = False
         self._full = False
         self._before: list[torch.Tensor] | None = None
-        self._causal_biases: dict[int, torch.Tensor] = {}
+        self._causal_biases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._layer_index: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -86,22 +87,29 @@ class Monitors(Callback):
                 return
             query, key = args[0][:, 0], args[1][:, 0]  # [s, heads, d], [s, groups, d]
             with torch.no_grad():
-                q = query.transpose(0, 1).float()  # [heads, s, d]
-                k = key.transpose(0, 1).float()
+                # In the compute dtype (bf16 on GPU; fp32 stays fp32), on sampled query rows.
+                rows, bias = self._probe_rows(query.shape[0], query.device, query.dtype)
+                q = query.transpose(0, 1)[:, rows]  # [heads, rows, d]
+                k = key.transpose(0, 1)  # [groups, s, d]
                 if k.shape[0] != q.shape[0]:  # grouped-query attention: heads share a group
                     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
-                scores = torch.baddbmm(self._causal_bias(q.shape[1], q.device), q,
-                                       k.transpose(1, 2), alpha=module.softmax_scale)
-                self._attention[index] = scores.amax()
+                scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=module.softmax_scale)
+                self._attention[index] = scores.amax().float()
         return hook
 
-    def _causal_bias(self, length: int, device: torch.device) -> torch.Tensor:
-        """-inf above the diagonal, 0 elsewhere; built once per length."""
-        bias = self._causal_biases.get(length)
-        if bias is None:
-            bias = torch.full((length, length), float("-inf"), device=device).triu(1)
-            self._causal_biases[length] = bias
-        return bias
+    def _probe_rows(self, length: int, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query positions the probe reads (at most ``attention_rows``, evenly spaced, the
+        last one included) and their causal bias (-inf above the diagonal); built once per
+        length on the device, so the hot path copies nothing from the host."""
+        key = (length, device, dtype)
+        if key not in self._causal_biases:
+            stride = -(-length // self.cfg.attention_rows)  # ceil
+            rows = torch.arange(length - 1, -1, -stride, device=device).flip(0)
+            bias = torch.full((length, length), float("-inf"), device=device,
+                              dtype=dtype).triu(1)[rows]
+            self._causal_biases[key] = (rows, bias)
+        return self._causal_biases[key]
 
     def _embedding_hook(self, state: StepState):
         def hook(module, args, output):

@@ -5,6 +5,7 @@ test_gpu.py and scripts/gpu-check."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_config, make_trainer
+from helpers import REPO, cpu_runtime, make_config, make_trainer
 
 from stability.checkpoint import Checkpointer, rng_state, set_rng_state
-from stability.model.build import build_model
+from stability.model.build import build_model, causal_mask
 from stability.runfiles import read_jsonl
 from stability.runtime import Runtime
 from stability.train import default_callbacks
+from stability.trainer import seed_everything
 from stability.watch.monitors import _master
 
 
@@ -104,3 +106,28 @@ def test_update_ratios_read_the_fp32_master_where_it_is_whole():
     sharded = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
     sharded.main_param = torch.ones(8)  # the distributed optimizer's shard: not whole
     assert _master(sharded) is sharded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["llama2", "gpt"])
+def test_fused_kernels_compute_what_the_unfused_model_computes(single_process, recipe):
+    # model.fusions (on by default on GPU): megatron's torch.compile-fused bias+SwiGLU/GELU
+    # and bias+dropout+add. Compiled here for the CPU (inductor), so the first GPU run does
+    # not meet them for the first time.
+    cfg = make_config(f"recipe={recipe}", "size=tiny")
+    results = []
+    for fused in (False, True):
+        runtime = dataclasses.replace(cpu_runtime(cfg), fusions=fused)
+        seed_everything(1, 0, "cpu")  # the same initial weights
+        model = build_model(cfg.model, runtime, vocab_size=1000, seq_length=64, seed=1)
+        tokens = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+        logits = model(input_ids=tokens, position_ids=torch.arange(64).expand(2, 64),
+                       attention_mask=causal_mask(64, torch.device("cpu")))
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    mlp = model.decoder.layers[0].mlp
+    assert mlp.config.bias_activation_fusion and mlp.config.bias_dropout_fusion

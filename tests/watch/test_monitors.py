@@ -107,3 +107,18 @@ def test_sampled_update_ratio_estimates_the_exact_one(tmp_path, single_process):
     for n in range(1, trainer.cfg.model.num_layers + 1):
         key = f"update_ratio/layer_{n}"
         assert sampled[key] == pytest.approx(exact[key], rel=0.25)
+
+
+def test_attention_probe_reads_evenly_spaced_query_rows(tmp_path, single_process):
+    # 128 positions, at most 20 rows: every 7th, ending at the last (127, 120, ..., 1).
+    trainer, probe, recorded = run_one_step(tmp_path, single_process,
+                                            "monitors.attention_rows=20")
+    rows = list(range(127, -1, -7))[::-1]
+    assert len(rows) <= 20 and rows[-1] == 127
+    for number, (query, key, scale) in probe.query_key.items():
+        q, k = query[:, 0].float(), key[:, 0].float()
+        scores = torch.einsum("shd,thd->hst", q, k) * scale
+        causal = torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, -math.inf)
+        assert recorded[f"attn_logit_max/layer_{number}"] == pytest.approx(
+            scores[:, rows].max().item(), rel=1e-5)
