@@ -131,3 +131,14 @@ def test_fused_kernels_compute_what_the_unfused_model_computes(single_process, r
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     mlp = model.decoder.layers[0].mlp
     assert mlp.config.bias_activation_fusion and mlp.config.bias_dropout_fusion
+
+
+def test_the_gpu_check_stops_at_once_without_its_packages(tmp_path):
+    bare = tmp_path / "bare"  # a Python with nothing installed, no .whl/ to install from
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check"), "--smoke"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=dict(os.environ, PYTHON=str(bare / "bin" / "python")))
+    assert proc.returncode == 1
+    assert "missing Python packages: torch megatron.core hydra" in proc.stderr
+    assert "scripts/gpu-wheels" in proc.stderr
