@@ -44,37 +44,37 @@ def run_trace(
     return events, cost
 
 
-def oracle_events(trace: Trace, single: float = 0.20, sustained: float = 0.13) -> list[Event]:
-    """The label-level rule applied with the true clean trend (which no detector can see).
+def oracle_events(trace: Trace, single: float = 6.5, sustained: float = 3.25) -> list[Event]:
+    """A label-level rule applied with the true clean trend and noise (which no detector sees).
 
-    Fires on a row ``single`` above the clean trend, or when the median of the last three rows
-    is ``sustained`` above it (all three at least half that); one event per incident, re-armed
-    after three rows back under half of ``sustained``. It measures how separable the trace set
-    is, i.e. the ceiling for a detector whose only error is the noise, not its trend estimate.
+    Fires on a row ``single`` noise sigmas above the clean trend (log units), or when the
+    median of the last three rows is ``sustained`` sigmas above it (all three at least 2.5);
+    one event per incident, re-armed after three rows back under 2 sigmas. The levels sit
+    between the labels' benign and spike levels, so it measures how separable the trace set
+    is: the ceiling for a detector whose only error is the noise, not its trend estimate.
     """
-    if trace.trend is None:
+    if trace.trend is None or trace.noise is None:
         return []
     out: list[Event] = []
     last: list[float] = []
     active, quiet = False, 0
-    lo = math.log1p(sustained / 2)
-    for row, clean in zip(trace.rows, trace.trend, strict=True):
+    for row, clean, s in zip(trace.rows, trace.trend, trace.noise, strict=True):
         v = row.get("loss")
         if not isinstance(v, float) or not math.isfinite(v) or v <= 0:
             continue
-        r = math.log(v / clean)
+        z = math.log(v / clean) / s
         if active:
-            quiet = quiet + 1 if r < lo else 0
+            quiet = quiet + 1 if z < 2.0 else 0
             if quiet >= 3:
                 active, last = False, []
             continue
-        last = [*last[-2:], r]
-        fire = r >= math.log1p(single) or (
-            len(last) == 3 and sorted(last)[1] >= math.log1p(sustained) and min(last) >= lo
+        last = [*last[-2:], z]
+        fire = z >= single or (
+            len(last) == 3 and sorted(last)[1] >= sustained and min(last) >= 2.5
         )
         if fire:
             active, quiet = True, 0
-            out.append(Event(row["step"], "(oracle)", "loss", v, clean, r, "warn", "spike"))
+            out.append(Event(row["step"], "(oracle)", "loss", v, clean, z, "warn", "spike"))
     return out
 
 
@@ -109,6 +109,9 @@ class Score:
     false: list[str] = field(default_factory=list)
     nonfinite_runs: int = 0
     nonfinite_first_step: int = 0
+    crossings: dict[str, list[int | None]] = field(default_factory=dict)
+    """Per shape, for incidents with a ``cross`` step: its lead (cross minus the first event in
+    the window; None when nothing fired in the window)."""
 
     def add(self, trace: Trace, events: Sequence[Event]) -> None:
         incs = trace.incidents
@@ -147,6 +150,9 @@ class Score:
                     h[2] += ok
             else:
                 self.missed.append(f"{trace.name}:{inc.shape}@{inc.onset}")
+            if inc.cross is not None:
+                lead = inc.cross - first[i] if i in first else None
+                self.crossings.setdefault(inc.shape, []).append(lead)
         # every run of non-finite rows must be flagged on its first row
         nf_steps = {ev.step for ev in events if ev.kind == "nonfinite"}
         prev_bad = False
@@ -179,11 +185,37 @@ class Score:
             "duplicates": self.duplicates,
             "nonfinite_runs": self.nonfinite_runs,
             "nonfinite_first_step": self.nonfinite_first_step,
+            "crossings": {k: _crossings(v) for k, v in sorted(self.crossings.items())},
             "by_kind": _breakdown(self.by_kind),
             "by_shape": _breakdown(self.by_shape),
             "missed": self.missed[:50],
             "false": self.false[:50],
         }
+
+
+def _onset_leads(leads: Sequence[int | None]) -> dict[str, Any]:
+    """Steps before the loss moves (the onset) a leading detector first warned, per blow-up."""
+    fired = [x for x in leads if x is not None]
+    ahead = [x for x in fired if x > 0]
+    return {
+        "n": len(leads),
+        "fired": len(fired),
+        "ahead": len(ahead),
+        "lead_mean": statistics.fmean(fired) if fired else math.nan,
+        "lead_median": statistics.median(fired) if fired else math.nan,
+    }
+
+
+def _crossings(leads: Sequence[int | None]) -> dict[str, Any]:
+    """Warned before the loss passed the loss at init: count, share, mean lead."""
+    warned = [x for x in leads if x is not None and x > 0]
+    return {
+        "n": len(leads),
+        "warned": len(warned),
+        "warned_share": len(warned) / len(leads) if leads else math.nan,
+        "lead_mean": statistics.fmean(warned) if warned else math.nan,
+        "lead_median": statistics.median(warned) if warned else math.nan,
+    }
 
 
 def _breakdown(counts: Mapping[str, list[int]]) -> dict[str, dict[str, float]]:
@@ -276,7 +308,11 @@ def evaluate(
 
     Returns:
         ``{"detectors": {name: summary}, "sets": {name: summary}, "lead": {...},
-        "cost_us": {name: mean microseconds per update}, "traces": count}``.
+        "onset_leads": {leading detector: ...}, "calm_loss_alarms": [...],
+        "cost_us": {name: mean microseconds per update}, "traces": count}``. ``onset_leads``
+        covers the blow-ups (incidents with a ``cross``): how many steps before the loss moved
+        each leading detector first warned; ``calm_loss_alarms`` lists the loss events (kind
+        ``spike``) of the sets' detectors on clean traces.
     """
     names = list(names or REGISTRY)
     sets = dict(sets or {"default": DEFAULT_DETECTORS})
@@ -287,8 +323,20 @@ def evaluate(
         n: Lead() for n in [*LEADING_DETECTORS, "any_leading"] if n in needed or n == "any_leading"
     }
     costs: dict[str, list[float]] = {n: [] for n in needed}
+    onset_leads: dict[str, list[int | None]] = {n: [] for n in LEADING_DETECTORS if n in needed}
+    calm_loss_alarms: list[str] = []
     for tr in traces:
         events, cost = run_trace(tr, needed, params)
+        for inc in tr.incidents:
+            if inc.cross is None:
+                continue
+            for n in onset_leads:
+                steps = [e.step for e in events[n] if inc.start <= e.step <= inc.end]
+                onset_leads[n].append(inc.onset - min(steps) if steps else None)
+        if tr.family == "clean":
+            calm_loss_alarms += [f"{tr.name}@{e.step}:{e.detector}" for n in needed
+                                 for e in events[n] if e.kind == "spike"
+                                 and n in {m for ms in sets.values() for m in ms}]
         for n in needed:
             costs[n].append(cost[n])
         for n in names:
@@ -304,8 +352,11 @@ def evaluate(
                 lead.add(tr, events, [n], LEADING_METRIC[n])
     return {
         "traces": len(traces),
+        "families": [tr.family for tr in traces],
         "detectors": {n: s.summary() for n, s in scores.items()},
         "sets": {s: sc.summary() for s, sc in set_scores.items()},
         "lead": {n: lead.summary() for n, lead in leads.items()},
+        "onset_leads": {n: _onset_leads(v) for n, v in onset_leads.items()},
+        "calm_loss_alarms": calm_loss_alarms,
         "cost_us": {n: statistics.fmean(c) for n, c in costs.items() if c},
     }

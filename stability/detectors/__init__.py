@@ -5,7 +5,14 @@ and offline (``python -m stability.detect RUN/metrics.jsonl``), and produce the 
 See docs/detectors.md for the rules, their sources and their benchmark.
 """
 
-from stability.detectors import baselines, gradnorm, leading, nonfinite, trend  # noqa: F401
+from stability.detectors import (  # noqa: F401
+    baselines,
+    early,
+    gradnorm,
+    leading,
+    nonfinite,
+    trend,
+)
 from stability.detectors.base import (
     KINDS,
     REGISTRY,
@@ -22,6 +29,7 @@ from stability.detectors.replay import DetectorSuite, read_metrics
 DEFAULT_DETECTORS: list[str] = [
     "nonfinite",
     "loss_spike",
+    "loss_rebound",
     "attn_logit_growth",
     "logsumexp_drift",
     "update_ratio_growth",

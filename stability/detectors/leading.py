@@ -284,7 +284,14 @@ class LogsumexpDrift(GrowthDetector):
 
 @register("update_ratio_growth")
 class UpdateRatioGrowth(GrowthDetector):
-    """Update/parameter ratio explosion (``update_ratio_max``): log-growth z-score."""
+    """Update/parameter ratio explosion (``update_ratio_max``): log-growth z-score.
+
+    Also fires when the ratio reaches ``ceiling`` (1 by default): a step that moves a layer's
+    weights by more than their own norm replaces the layer rather than training it. With
+    Adam's first steps (updates of about the LR per weight) that is an LR at or above the
+    weights' scale; our no-warm-up runs at LR 0.1-1 showed ratios of 1.5-19 at step 1 and blew
+    up at step 2-3, while healthy runs stay below ~0.5 (large runs: ~1e-3).
+    """
 
     fixed_params = ("transform",)
 
@@ -294,6 +301,7 @@ class UpdateRatioGrowth(GrowthDetector):
         normalize_by: str | None = None,
         floor: float = math.log(1.5),
         floor_jump: float = math.log(3.0),
+        ceiling: float | None = 1.0,
         **kw: Any,
     ) -> None:
         super().__init__(
@@ -302,5 +310,6 @@ class UpdateRatioGrowth(GrowthDetector):
             normalize_by=normalize_by,
             floor=floor,
             floor_jump=floor_jump,
+            ceiling=ceiling,
             **kw,
         )

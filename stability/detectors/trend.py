@@ -18,10 +18,29 @@ from stability.detectors.base import (
     register,
 )
 
+MIN_RESIDUALS = 16
+"""Out-of-sample residuals needed before the scale uses them (until then: in-sample MAD)."""
+DRIFT_ROWS = 8
+"""While the median residual of the last this many rows is a sigma or more above the trend (the
+loss drifting up), accepted rows feed the baseline but not the noise scale (once the scale's long
+window is half full: a young trend lags the curve and its residuals lean one way)."""
+
+
+def _normal_quantile(p: float) -> float:
+    """The standard normal's ``p``-quantile (bisection on ``erf``; called once per detector)."""
+    lo, hi = -10.0, 10.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < p:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
 
 @register("loss_spike")
 class TrendSpikeDetector(BaseDetector):
-    """Residuals against a robust local power-law trend, with a robust scale and a floor.
+    """Residuals against a robust local power-law trend, with thresholds in noise sigmas.
 
     Each row's value ``y = log(loss)`` is compared with a prediction from the baseline, the
     last accepted rows, in ``x = log(step + 1)`` (a local power law ``loss ~ c * step^-a``;
@@ -33,24 +52,26 @@ class TrendSpikeDetector(BaseDetector):
     would lag a falling curve by half its window and hide spikes under it; the slope removes
     that lag.
 
-    The residual ``r = y - prediction`` (a log ratio: 0.1 = 10.5% above trend) is scaled by
-    a robust sigma, the inter-quartile range of recent one-step-ahead residuals (the larger of
-    a ``resid_window`` and a ``short_window`` estimate, so a noisier stretch raises it within a
-    few rows). Two rules fire:
+    The residual ``r = y - prediction`` (a log ratio: 0.1 = 10.5% above trend) is measured in
+    the run's own noise: sigma is the larger of the inter-quartile sigma of recent one-step-
+    ahead residuals (a ``resid_window`` and a ``short_window`` estimate, so a noisier stretch
+    raises it within a few rows) and a tail sigma (the ``tail_quantile`` of the absolute
+    residuals of the last ``tail_window`` benign rows, as a Gaussian would have it), so heavy-
+    tailed noise raises the thresholds too; never below ``min_sigma``. Two rules fire:
 
-    - large: one row with ``r >= max(k_large * sigma, log1p(floor_large))``;
-    - sustained: the median of the last ``persist`` rows
-      ``>= max(k_sustained * sigma / sqrt(persist), log1p(floor_sustained))`` and none of
-      them under ``log1p(floor_sustained / 2)``.
+    - large: one row with ``r >= k_large * sigma``;
+    - sustained: the median of the last ``persist`` rows ``>= k_sustained * sigma``, none of
+      them under ``sustained_min * sigma``.
 
-    So a hard batch (one row under ``floor_large``) never fires, two hard batches in three
-    rows do not either (the median), and a jump that lasts fires ``persist - 1`` rows after it
-    starts.
+    So a 6% jump is a spike on a curve with 0.5% noise, and a 20% hard batch is not one on a
+    curve with 5% noise. ``floor_large`` / ``floor_sustained`` add optional relative floors
+    (shares of the loss; 0 by default: a fixed share ignores the noise, see docs/detectors.md).
 
-    Robustness: rows at or above ``lo = max(gate * sigma, log1p(floor_sustained / 2))`` are
-    held out of the baseline and the scale; when the run of such rows ends without an event
-    (hard batches) or grows past ``hold_max`` rows (a level change), they enter winsorised at
-    ``lo``. Rows of an incident never enter, until it ends.
+    Robustness: rows at or above ``lo = gate * sigma`` are held out of the baseline and the
+    scale; when the run of such rows ends without an event (hard batches) or grows past
+    ``hold_max`` rows (a level change), they enter winsorised at ``lo`` (the tail sigma takes
+    their true size, capped at the large threshold). Rows of an incident never enter, until it
+    ends.
 
     One event per incident (documented refractory): after firing, no event until ``release``
     consecutive rows are back under ``lo``. An incident longer than ``max_incident`` rows (a
@@ -68,19 +89,22 @@ class TrendSpikeDetector(BaseDetector):
         window: Rows for the trend's level (intercept).
         slope_window: Rows for the trend's slope (the baseline's length).
         min_history: Rows needed before the first check.
-        resid_window: Long window of residuals for the scale.
+        resid_window: Long window of residuals for the scale (and the tail sigma).
         short_window: Short window of residuals for the scale.
         k_large: Large rule, in sigmas.
-        floor_large: Large rule, relative floor (0.2 = 20% above trend).
-        k_sustained: Sustained rule, in sigmas of one row (divided by ``sqrt(persist)``).
-        floor_sustained: Sustained rule, relative floor on the median of ``persist`` rows
-            (0.12: the largest single-row excursion the benchmark calls benign).
+        floor_large: Large rule, optional relative floor (0.2 = 20% above trend; 0 = none).
+        k_sustained: Sustained rule, in sigmas (on the median of ``persist`` rows).
+        floor_sustained: Sustained rule, optional relative floor (0 = none).
         persist: Rows the sustained rule looks at.
+        sustained_min: The sustained rule also needs every one of those rows this many sigmas
+            above trend (two hard batches and a noisy row between them are not a plateau).
         gate: Rows at least ``gate`` sigmas above trend are held out of the baseline.
         hold_max: Held-out rows before they enter winsorised.
         release: Quiet rows that end an incident.
         max_incident: Incident rows before the baseline is re-based.
         min_sigma: Floor of the scale (log units).
+        tail_quantile: Quantile of the absolute benign residuals for the tail sigma (0 = off).
+        tail_window: Benign rows the tail sigma looks at.
         max_rise: Largest upward trend slope (relative rise per step) the fit may follow.
     """
 
@@ -94,21 +118,26 @@ class TrendSpikeDetector(BaseDetector):
         min_history: int = 20,
         resid_window: int = 64,
         short_window: int = 16,
-        k_large: float = 6.0,
-        floor_large: float = 0.2,
-        k_sustained: float = 6.0,
-        floor_sustained: float = 0.12,
+        k_large: float = 7.0,
+        floor_large: float = 0.0,
+        k_sustained: float = 3.5,
+        floor_sustained: float = 0.0,
         persist: int = 3,
+        sustained_min: float = 2.5,
         gate: float = 2.0,
         hold_max: int = 5,
         release: int = 3,
         max_incident: int = 100,
-        min_sigma: float = 0.002,
+        min_sigma: float = 0.001,
+        tail_quantile: float = 0.95,
+        tail_window: int = 64,
         max_rise: float = 0.0,
     ) -> None:
         super().__init__(**init_args(locals()))
         if not (6 <= min_history <= slope_window and 4 <= window <= slope_window):
             raise ValueError("loss_spike needs 6 <= min_history, 4 <= window, both <= slope_window")
+        if not 0.0 <= tail_quantile < 1.0:
+            raise ValueError(f"tail_quantile={tail_quantile!r} is not allowed: in [0, 1)")
         self.metric = metric
         self.requires = (metric,)
         self.window = window
@@ -118,18 +147,25 @@ class TrendSpikeDetector(BaseDetector):
         self.log_large = math.log1p(floor_large)
         self.k_sustained = k_sustained
         self.log_sustained = math.log1p(floor_sustained)
-        self.log_lo = math.log1p(floor_sustained / 2)
         self.persist = persist
+        self.sustained_min = sustained_min
         self.gate = gate
         self.hold_max = hold_max
         self.release = release
         self.max_incident = max_incident
         self.min_sigma = min_sigma
+        self.tail_quantile = tail_quantile
+
+        self.tail_z = _normal_quantile(0.5 + tail_quantile / 2) if tail_quantile else 1.0
         self.max_rise = max_rise
+        self._drift: deque[float] = deque(maxlen=DRIFT_ROWS)
+        self._frozen = False
         self._hist: deque[tuple[float, float]] = deque(maxlen=slope_window)
         self._recent: deque[tuple[float, float]] = deque(maxlen=min_history)
         self._res_long = RollingQuantiles(resid_window)
         self._res_short = RollingQuantiles(short_window)
+        self._tail = RollingQuantiles(tail_window)
+
         self._pending: list[tuple[float, float, float]] = []
         self._last: deque[float] = deque(maxlen=persist)
         self._incident = False
@@ -167,27 +203,32 @@ class TrendSpikeDetector(BaseDetector):
         return a, b
 
     def _sigma(self, a: float, b: float) -> float:
-        if len(self._res_long) >= 8:
+        if len(self._res_long) >= MIN_RESIDUALS:
             s = self._res_long.iqr_sigma()
             if len(self._res_short) >= self._res_short.size // 2:
                 s = max(s, self._res_short.iqr_sigma())
+            if self.tail_quantile and len(self._tail) >= 16:
+                s = max(s, self._tail.quantile(self.tail_quantile) / self.tail_z)
         else:  # too few out-of-sample residuals yet: in-sample MAD, inflated
             res = [y - a - b * x for x, y in self._hist]
-            s = 1.5 * MAD_TO_SIGMA * median(abs(r) for r in res)
+            s = 2.0 * MAD_TO_SIGMA * median(abs(r) for r in res)
         return max(s, self.min_sigma)
 
-    def _accept(self, x: float, y: float, r: float) -> None:
+    def _accept(self, x: float, y: float, r: float, true_r: float | None = None) -> None:
         if self._slope_floor is not None:
             self._floor_rows -= 1
             if self._floor_rows <= 0:
                 self._slope_floor = None
         self._hist.append((x, y))
+        if self._frozen:  # the loss is drifting up: its rows must not widen the noise scale
+            return
         self._res_long.add(r)
         self._res_short.add(r)
+        self._tail.add(abs(r if true_r is None else true_r))
 
-    def _flush_pending(self, lo: float) -> None:
+    def _flush_pending(self, lo: float, cap: float) -> None:
         for x, y, r in self._pending:
-            self._accept(x, y - r + lo, lo)
+            self._accept(x, y - r + lo, lo, min(r, cap))
         self._pending.clear()
 
     # --- the stream ----------------------------------------------------------------------
@@ -205,9 +246,14 @@ class TrendSpikeDetector(BaseDetector):
         a, b = self._fit(step)
         self._slope = b
         pred = a + b * x
-        r = y - pred
         sigma = self._sigma(a, b)
-        lo = max(self.gate * sigma, self.log_lo)
+        r = y - pred
+        lo = self.gate * sigma
+        if not self._incident:
+            self._drift.append(r)
+            self._frozen = (len(self._drift) == DRIFT_ROWS and median(self._drift) >= sigma
+                            and len(self._res_long) >= self._res_long.size // 2)
+        large = max(self.k_large * sigma, self.log_large)
 
         if self._incident:
             self._incident_rows += 1
@@ -228,21 +274,20 @@ class TrendSpikeDetector(BaseDetector):
                 self._floor_rows = self.slope_window
             return []
 
-        large = max(self.k_large * sigma, self.log_large)
         if r >= large:
             return [self._fire(step, v, pred, r, large, sigma, "large")]
         self._last.append(r)
         if len(self._last) == self.persist:
             mid = median(self._last)
-            need = max(self.k_sustained * sigma / math.sqrt(self.persist), self.log_sustained)
-            if mid >= need and min(self._last) >= self.log_lo:
+            need = max(self.k_sustained * sigma, self.log_sustained)
+            if mid >= need and min(self._last) >= self.sustained_min * sigma:
                 return [self._fire(step, v, pred, mid, need, sigma, "sustained")]
         if r >= lo:
             self._pending.append((x, y, r))
             if len(self._pending) > self.hold_max:
-                self._flush_pending(lo)
+                self._flush_pending(lo, large)
             return []
-        self._flush_pending(lo)
+        self._flush_pending(lo, large)
         self._accept(x, y, r)
         return []
 
@@ -277,6 +322,10 @@ class TrendSpikeDetector(BaseDetector):
             "recent": [list(p) for p in self._recent],
             "res_long": self._res_long.to_list(),
             "res_short": self._res_short.to_list(),
+            "tail": self._tail.to_list(),
+            "drift": list(self._drift),
+
+            "frozen": self._frozen,
             "pending": [list(p) for p in self._pending],
             "last": list(self._last),
             "incident": self._incident,
@@ -293,6 +342,11 @@ class TrendSpikeDetector(BaseDetector):
         self._recent = deque((tuple(p) for p in state["recent"]), maxlen=self.min_history)
         self._res_long.load(state["res_long"])
         self._res_short.load(state["res_short"])
+        # absent in states saved before they existed
+        self._tail.load(state.get("tail", []))
+        self._drift = deque((float(v) for v in state.get("drift", [])), maxlen=DRIFT_ROWS)
+        self._frozen = bool(state.get("frozen", False))
+
         self._pending = [tuple(p) for p in state["pending"]]
         self._last = deque((float(r) for r in state["last"]), maxlen=self.persist)
         self._incident = bool(state["incident"])

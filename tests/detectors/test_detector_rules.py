@@ -60,14 +60,48 @@ def test_loss_spike_fires_on_a_jump_during_the_steep_fall():
 
 
 def test_loss_spike_fires_on_a_sustained_jump_within_two_steps():
-    rows = spiked(falling_loss(500), 300, 1.16, length=50)
+    rows = spiked(falling_loss(500), 300, 1.05, length=50)  # 5 sigmas of a 1% noise, lasting
     events = run(build_detectors(["loss_spike"])[0], rows)
-    assert [e.step for e in events] == [302]  # one event for the whole 50-step incident
+    assert len(events) == 1 and 300 <= events[0].step <= 302  # one event for 50 rows
+
+
+def test_loss_spike_thresholds_scale_with_the_noise():
+    # a quiet curve (0.3% noise): a 4% jump is 13 sigmas, a spike
+    quiet = spiked(falling_loss(600, noise=0.003), 400, 1.04)
+    assert [e.step for e in run(build_detectors(["loss_spike"])[0], quiet)] == [400]
+    # a noisy curve (5% noise): a 20% hard batch is 4 sigmas, not a spike; nor are two of
+    # them in three rows
+    noisy = spiked(spiked(falling_loss(600, noise=0.05), 400, 1.2), 402, 1.2)
+    assert run(build_detectors(["loss_spike"])[0], noisy) == []
+    # the old fixed floors (20% single, 12% sustained) can be asked for explicitly
+    (floored,) = build_detectors(["loss_spike"], {"loss_spike": {"floor_large": 0.2}})
+    assert run(floored, quiet) == []
 
 
 def test_loss_spike_ignores_a_single_hard_batch():
-    rows = spiked(falling_loss(500), 300, 1.12)
+    rows = spiked(falling_loss(500), 300, 1.04)  # 4 sigmas of a 1% noise
     assert run(build_detectors(["loss_spike"])[0], rows) == []
+
+
+def test_loss_rebound_catches_an_early_blow_up_before_the_loss_passes_init():
+    rows = falling_loss(120, noise=0.01)  # from ~10.8 to ~6.5 by step 25
+    start = rows[25]["loss"]
+    for i, r in enumerate(rows[25:60]):  # climbs back to 1.5x the loss at init in 35 steps
+        r["loss"] = start * math.exp(i / 34 * math.log(1.5 * rows[0]["loss"] / start))
+    cross = next(r["step"] for r in rows[25:] if r["loss"] > rows[0]["loss"])
+    events = run(build_detectors(["loss_rebound"])[0], rows)
+    assert len(events) == 1 and 25 < events[0].step < cross
+    assert "of the way from its low" in events[0].message
+    # the trend detector has not got its history that early in some runs: rows from step 0
+    # without a trend detector still warn; and a normal fall never does
+    assert run(build_detectors(["loss_rebound"])[0], falling_loss(120, seed=3)) == []
+
+
+def test_update_ratio_above_one_fires_on_the_first_row():
+    rows = falling_loss(40)
+    rows[0]["update_ratio_max"] = 19.0  # the first Adam step moved the weights 19x their norm
+    events = run(build_detectors(["update_ratio_growth"])[0], rows)
+    assert [(e.step, e.kind) for e in events] == [(0, "leading")]
 
 
 @pytest.mark.parametrize("name", sorted({*LOSS_DETECTORS, "grad_norm_spike", *DEFAULT_DETECTORS}))

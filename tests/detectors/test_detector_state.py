@@ -9,7 +9,7 @@ import pytest
 from detector_series import falling_loss, run
 
 from benchmarks.detectors.traces import make_trace
-from stability.detectors import REGISTRY, DetectorSuite, build_detectors
+from stability.detectors import DEFAULT_DETECTORS, REGISTRY, DetectorSuite, build_detectors
 
 # one trace with a bit of everything: spikes, NaN, a precursor, noise bursts, hard batches
 TRACES = [make_trace(seed, "spike") for seed in (3, 6, 18)]
@@ -77,3 +77,69 @@ def test_other_detectors_skip_nonfinite_rows():
     for name in REGISTRY:
         if name != "nonfinite":
             assert run(build_detectors([name])[0], rows) == [], name
+
+
+def rollback_rows(spike: bool, lr_scale: float = 1.0, start: int = 1, stop: int = 71):
+    """A tiny run's rows around an LR spike at step 50: the update ratio is x100 in the spike
+    row, the loss jumps in the next one (the update of step 50 shows in the loss of step 51)."""
+    rows = falling_loss(stop)
+    for r in rows:
+        r["update_ratio_max"] *= lr_scale
+    if spike:
+        rows[50]["update_ratio_max"] *= 100
+        for r in rows[51:53]:
+            r["loss"] *= 1.5
+    return [r for r in rows if start <= r["step"] < stop]
+
+
+def test_rollback_restores_the_checkpoint_state_and_refeeds_without_a_false_alert():
+    # live run: rows 1..52 (spike at 50, loss event at 51), checkpoint at step 40
+    live = DetectorSuite.from_names(DEFAULT_DETECTORS)
+    saved = None
+    events = []
+    for r in rollback_rows(spike=True, stop=53):
+        events += live.update(r["step"], r)
+        if r["step"] == 40:
+            saved = json.loads(json.dumps(live.state_dict()))  # what the checkpoint holds
+    assert [(e.step, e.detector) for e in events][:2] == [
+        (50, "update_ratio_growth"), (51, "loss_spike")]
+    # rollback: restore the checkpoint's state, feed the replayed steps 41..70 (no fault)
+    live.load_state_dict(saved)
+    after = [e for r in rollback_rows(spike=False, start=41) for e in live.update(r["step"], r)]
+    assert after == []  # no alert on the normal values of step 50 and after
+    # and the same as a run that never spiked: the state round trip is exact
+    clean = DetectorSuite.from_names(DEFAULT_DETECTORS)
+    for r in rollback_rows(spike=False, stop=41):
+        clean.update(r["step"], r)
+    assert json.dumps(clean.state_dict()) == json.dumps(saved)
+
+
+def test_steps_going_backwards_without_a_restore_raise_no_false_alert():
+    # a loop that forgot to restore the detectors: the replayed steps 41..70 arrive after 52
+    suite = DetectorSuite.from_names(DEFAULT_DETECTORS)
+    first = [e for r in rollback_rows(spike=True, stop=53) for e in suite.update(r["step"], r)]
+    assert first
+    replay = [e for r in rollback_rows(spike=False, start=41) for e in suite.update(r["step"], r)]
+    assert replay == []
+
+
+def test_an_lr_restored_after_a_rollback_is_a_real_jump():
+    # The live report, explained: after a rollback the loop's scheduler runs ahead (megatron's
+    # OptimizerParamScheduler.load_state_dict adds the checkpoint's step count to its own), so
+    # in a short run the LR is min_lr (1e-5) from step 41 and the update ratio falls ~100x. A
+    # replayed lr_spike fault at step 50 (x100: 1e-3, an ordinary LR) then gives an ordinary
+    # looking ratio (0.0084, where the first spike gave 0.87) that is a genuine x100 jump
+    # over the rows before it, and update_ratio_growth reports it. The cause is in the loop.
+    suite = DetectorSuite.from_names(DEFAULT_DETECTORS)
+    saved = None
+    for r in rollback_rows(spike=True, stop=53):
+        suite.update(r["step"], r)
+        if r["step"] == 40:
+            saved = json.loads(json.dumps(suite.state_dict()))
+    suite.load_state_dict(saved)
+    replay = rollback_rows(spike=False, lr_scale=0.01, start=41)
+    normal = rollback_rows(spike=False, start=41)
+    replay[9]["update_ratio_max"] = normal[9]["update_ratio_max"]  # step 50 at the normal LR
+    events = [e for r in replay for e in suite.update(r["step"], r)]
+    assert [(e.step, e.detector, e.kind) for e in events] == [
+        (50, "update_ratio_growth", "leading")]
