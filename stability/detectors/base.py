@@ -7,7 +7,6 @@ the same code runs live in the training loop and offline on a finished run's met
 from __future__ import annotations
 
 import inspect
-import math
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -299,8 +298,3 @@ class RollingQuantiles:
         """Replace the window by ``values`` (arrival order)."""
         self.order = deque(float(v) for v in values)
         self.sorted = sorted(self.order)
-
-
-def is_finite(x: float | None) -> bool:
-    """True for a finite float (False for None, NaN, +-Inf)."""
-    return x is not None and math.isfinite(x)

@@ -11,11 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import REPO, make_config, make_trainer
 
 from stability.callbacks import Callback
 from stability.checkpoint import complete_checkpoints
+from stability.optim.adamw import build_optimizer, build_scheduler
 from stability.runfiles import read_jsonl
 from stability.watch.actions import SpikeWatch
 from stability.watch.fault import FaultInjector
@@ -63,8 +65,16 @@ def test_rollback_skips_batches_and_completes_with_finite_loss(tmp_path):
     assert math.isfinite(summary["final_loss"])
     actions = [e["action"] for e in rows(tmp_path / "events.jsonl")]
     assert "rollback" in actions
-    steps = [r["step"] for r in rows(tmp_path / "metrics.jsonl")]
-    assert steps == list(range(1, 71))  # rolled-back steps were cut, every step once
+    metrics = rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in metrics] == list(range(1, 71))  # rolled-back steps cut, once
+    # The schedule continues from the checkpoint's step (megatron's scheduler, loaded as a
+    # state dict, added the steps to its own count and put a rollback at min_lr).
+    cfg = make_config(*SPIKE)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.trainer.train_steps)
+    for row in metrics:
+        scheduler.step(1)
+        assert row["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12), row["step"]
 
 
 def test_stop_leaves_a_resumable_checkpoint(tmp_path):
