@@ -1,31 +1,45 @@
-"""Tokens/s of our megatron-core path vs a plain-PyTorch model of the same shape and math.
+"""Our training step against a plain-PyTorch one of the same shape and math, side by side.
 
-``python -m benchmarks.throughput [--size small] [--recipe llama2] [--threads 2] [--steps 8]``
+``python -m benchmarks.throughput [--shapes tiny,study,small] [--threads 1,2] [--rounds 3]``
 
-Both models train side by side in one process on the same batches (AdamW, clip, the same loss),
-alternating in rounds so that machine noise hits both alike. Also reports model FLOP/s (6 N T
-plus attention) as a fraction of this machine's measured fp32 matmul rate.
+- ours: the Trainer as a user runs it (``train_step`` + ``finish_step`` with the default
+  callbacks: monitors, detectors and actions, the metrics and events files), on the sample data;
+- plain: a nanoGPT-style model of the same shape (SDPA, RoPE + SwiGLU + RMSNorm or learned
+  positions + GELU + LayerNorm), ``F.cross_entropy`` plus the z-loss from a logsumexp, global
+  norm clipping and torch's fused AdamW, on random tokens of the same batch shape.
+
+Both train in one process, alternating in rounds so that machine noise falls on both alike.
+Per shape and thread count: ms/step of each, the ratio of tokens/s (ours / plain), and model
+FLOP/s (6 N T plus attention, ``stability.throughput``) as a share of this machine's fp32
+matmul rate measured at that thread count; per shape, the five largest costs of our step
+(profiler self time).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import stability  # noqa: F401
-from stability import cpu, parallel
+from stability import parallel
 from stability.config import Config, compose
-from stability.model.build import build_model, causal_mask
-from stability.model.loss import vocab_parallel_loss
-from stability.optim.adamw import build_optimizer, clip_grads, grad_norm
+from stability.optim.adamw import build_optimizer
 from stability.runtime import Runtime
 from stability.throughput import cpu_matmul_flops, model_flops_per_token
+from stability.train import default_callbacks
+from stability.trainer import Trainer
+
+SHAPES = {"tiny": ["size=tiny"], "study": ["size=study"], "small": ["size=small"]}
+"""The shapes: today's tiny and small presets, and the study shape of the CPU figures."""
 
 
 # --------------------------------------------------------------------------- plain PyTorch
@@ -99,106 +113,116 @@ class PlainGPT(nn.Module):
 
 
 # --------------------------------------------------------------------------- measurement
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def plain_step(model: PlainGPT, optimizer, tokens: torch.Tensor, z_loss: float) -> None:
+    """One nanoGPT-style step: cross-entropy plus z-loss, clip, fused AdamW."""
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(tokens[:, :-1]).float()
+    flat = logits.view(-1, logits.shape[-1])
+    loss = F.cross_entropy(flat, tokens[:, 1:].reshape(-1))
+    if z_loss:
+        loss = loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--recipe", default="llama2")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    cfg = compose(f"recipe={args.recipe}", f"size={args.size}", "optim.lr=1e-3",
-                  "trainer.device=cpu")
-    runtime = Runtime.resolve(cfg)
-    runtime.apply()
-    parallel.init(runtime.device, 1, 1)
-    cpu.seed_model_parallel_rng(0, 0, "cpu")
-    vocab = 8192
-    ours = build_model(cfg.model, runtime, vocab_size=vocab, seq_length=cfg.data.seq_length,
-                       seed=cfg.trainer.seed)
-    plain = PlainGPT(cfg, vocab)
-    b, s = cfg.trainer.global_batch_size, cfg.data.seq_length
-    mask = causal_mask(s, torch.device("cpu"))
-    positions = torch.arange(s).expand(b, s)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (b, s + 1), generator=gen) for _ in range(4)]
-
-    def step_ours(opt, i):
-        tokens = batches[i % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        logits = ours(input_ids=tokens[:, :-1], position_ids=positions, attention_mask=mask)
-        loss = vocab_parallel_loss(logits, tokens[:, 1:], torch.ones(b, s), cfg.loss.z_loss)
-        loss.loss.backward()
-        params = [p for p in ours.parameters()]
-        clip_grads(params, grad_norm(params), 1.0)
-        opt.step()
-
-    def step_plain(opt, i):
-        tokens = batches[i % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        logits = plain(tokens[:, :-1])
-        loss = vocab_parallel_loss(logits, tokens[:, 1:], torch.ones(b, s), cfg.loss.z_loss)
-        loss.loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
-        opt.step()
-
-    opt_ours = build_optimizer(ours, cfg.optim)
-    opt_plain = build_optimizer(plain, cfg.optim)
-    for i in range(2):  # warm-up: allocator, kernels, optimizer state
-        step_ours(opt_ours, i)
-        step_plain(opt_plain, i)
-    times = {"megatron-core": [], "plain PyTorch": []}
-    for _ in range(args.rounds):
-        for name, fn, opt in (("megatron-core", step_ours, opt_ours),
-                              ("plain PyTorch", step_plain, opt_plain)):
-            for i in range(args.steps):
-                times[name].append(_time(lambda fn=fn, opt=opt, i=i: fn(opt, i)))
-
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_plain = sum(p.numel() for p in plain.parameters())
-    tokens = b * s
-    flops = model_flops_per_token(cfg.model, vocab, s) * tokens
-    # QK^T and AV run inside SDPA, not as matrix multiplies.
-    gemm_flops = flops - 6 * cfg.model.num_layers * s * cfg.model.hidden_size * tokens
-    peak = cpu_matmul_flops(args.threads, n=2048, reps=5)
-    print(f"size={args.size} recipe={args.recipe} threads={args.threads} batch={b}x{s}")
-    print(f"parameters: megatron-core {n_ours:,}  plain {n_plain:,}")
-    print(f"measured fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':<15} {'ms/step':>8} {'tokens/s':>9} {'GFLOP/s':>8} {'of matmul':>9}")
-    rates = {}
-    for name, ts in times.items():
-        t = statistics.median(ts)
-        rates[name] = tokens / t
-        print(f"{name:<15} {t * 1e3:>8.1f} {tokens / t:>9,.0f} {flops / t / 1e9:>8.1f} "
-              f"{flops / t / peak:>9.1%}")
-    print(f"ratio megatron-core / plain tokens/s: "
-          f"{rates['megatron-core'] / rates['plain PyTorch']:.3f}")
-    share, gemm_rate = gemm_share(lambda: step_ours(opt_ours, 0), gemm_flops)
-    print(f"megatron-core step: {share:.0%} of the time in matrix multiplies, which run at "
-          f"{gemm_rate / 1e9:.1f} GFLOP/s ({gemm_rate / peak:.0%} of the matmul rate); the rest "
-          f"is memory-bound work (softmax over the vocabulary, attention, AdamW, norms)")
-
-
-def gemm_share(step, flops: float, steps: int = 2) -> tuple[float, float]:
-    """Share of a step's time spent in matrix multiplies, and their FLOP/s (profiler)."""
+def top_costs(step, steps: int = 3, top: int = 5) -> list[tuple[str, float]]:
+    """The ``top`` ops by self time over ``steps`` steps: (name, share of the step)."""
     from torch.profiler import profile
 
     with profile() as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        total = time.perf_counter() - start
-    gemm = sum(e.self_cpu_time_total for e in prof.key_averages()
-               if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")) / 1e6
-    return gemm / total, flops * steps / max(gemm, 1e-9)
+        total = (time.perf_counter() - start) * 1e6
+    costs = collections.Counter()
+    for event in prof.key_averages():
+        costs[event.key] += event.self_cpu_time_total
+    return [(name, us / total) for name, us in costs.most_common(top)]
+
+
+def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, steps: int,
+            run_dir: Path) -> list[dict]:
+    cfg = compose(f"recipe={recipe}", *SHAPES[shape], "optim.lr=1e-3", "trainer.device=cpu",
+                  "trainer.train_steps=100000", "checkpoint.interval=0",
+                  "checkpoint.save_final=false", "logger.console=false")
+    runtime = Runtime.resolve(cfg)
+    runtime.apply()
+    trainer = Trainer(cfg, run_dir / shape, default_callbacks(cfg, run_dir / shape, True),
+                      runtime=runtime, topology=TOPOLOGY)
+    trainer.start(resume=False)
+    vocab, b, s = trainer.model.vocab_size, cfg.trainer.global_batch_size, cfg.data.seq_length
+    plain = PlainGPT(cfg, vocab)
+    plain_opt = build_optimizer(plain, cfg.optim)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (b, s + 1), generator=gen) for _ in range(4)]
+
+    def ours() -> None:
+        trainer.train_step()
+        trainer.finish_step()
+
+    counter = iter(range(1 << 30))
+
+    def theirs() -> None:
+        plain_step(plain, plain_opt, batches[next(counter) % 4], cfg.loss.z_loss)
+
+    flops = model_flops_per_token(cfg.model, vocab, s) * b * s
+    results = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for _ in range(3):  # warm-up: allocator, kernels, optimizer state
+            ours()
+            theirs()
+        times = {"ours": [], "plain": []}
+        for _ in range(rounds):
+            for name, step in (("ours", ours), ("plain", theirs)):
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    step()
+                    times[name].append(time.perf_counter() - start)
+        peak = cpu_matmul_flops(threads, n=1024, reps=5)
+        row = {"shape": shape, "threads": threads, "peak_gflops": peak / 1e9}
+        for name, ts in times.items():
+            row[f"{name}_ms"] = statistics.median(ts) * 1e3
+            row[f"{name}_share"] = flops / statistics.median(ts) / peak
+        row["ratio"] = row["plain_ms"] / row["ours_ms"]  # tokens/s ours / plain
+        results.append(row)
+    torch.set_num_threads(thread_counts[0])
+    results[0]["top"] = top_costs(ours)
+    return results
+
+
+TOPOLOGY: parallel.Topology | None = None
+
+
+def main() -> None:
+    global TOPOLOGY
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="tiny,study,small")
+    parser.add_argument("--recipe", default="llama2")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    TOPOLOGY = parallel.init(torch.device("cpu"), 1, 1)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    run_dir = Path(tempfile.mkdtemp(prefix="throughput-"))
+    rows = []
+    for shape in args.shapes.split(","):
+        rows += measure(shape, args.recipe, thread_counts, args.rounds, args.steps, run_dir)
+    print(f"recipe={args.recipe}; ours = the Trainer with its default callbacks; plain = "
+          f"nanoGPT-style; share = model FLOP/s / measured fp32 matmul rate")
+    print(f"{'shape':<6} {'thr':>3} {'matmul GF/s':>11} {'ours ms':>8} {'plain ms':>8} "
+          f"{'ours/plain':>10} {'ours share':>10} {'plain share':>11}")
+    for r in rows:
+        print(f"{r['shape']:<6} {r['threads']:>3} {r['peak_gflops']:>11.1f} {r['ours_ms']:>8.1f} "
+              f"{r['plain_ms']:>8.1f} {r['ratio']:>10.3f} {r['ours_share']:>10.1%} "
+              f"{r['plain_share']:>11.1%}")
+    for r in rows:
+        if "top" in r:
+            costs = ", ".join(f"{name} {share:.0%}" for name, share in r["top"])
+            print(f"top costs of our {r['shape']} step ({r['threads']} thread): {costs}")
+    parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -261,9 +261,12 @@ def training_sentences(documents: list[dict[str, str]]) -> list[str]:
 
 
 def train_sample_tokenizer(documents: list[dict[str, str]], vocab_size: int) -> float:
-    """Trains `sample/tokenizer.model` on the corpus; returns the seconds it took."""
+    """Trains the sample tokenizer of ``vocab_size`` on the corpus (`sample/tokenizer.model` at
+    8192, `sample/tokenizer-2k.model` at 2048); returns the seconds it took."""
     start = time.perf_counter()
-    SAMPLE_TOKENIZER.write_bytes(train_sentencepiece(training_sentences(documents), vocab_size))
+    path = SAMPLE_TOKENIZER if vocab_size == DEFAULT_VOCAB_SIZE else (
+        SAMPLE_DIR / f"tokenizer-{vocab_size // 1024}k.model")
+    path.write_bytes(train_sentencepiece(training_sentences(documents), vocab_size))
     return time.perf_counter() - start
 
 
@@ -376,6 +379,11 @@ on every paragraph of the corpus, in corpus order (a few seconds on 2 cores), wi
 
 Regenerate it with `python -m stability.data.build_sample --tokenizer-only`; the result is
 byte-identical.
+
+`tokenizer-2k.model` (27 kB): the same recipe with a vocabulary of 2048, for CPU-scale studies
+(`data.tokenizer=sample-2k`, `size=study`). Regenerate it with
+`python -m stability.data.build_sample --tokenizer-only --vocab-size 2048`; the result is
+byte-identical.
 """
 
 
@@ -390,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokenizer_only:
         documents = list(iter_sample_documents())
         seconds = train_sample_tokenizer(documents, args.vocab_size)
-        print(f"wrote {SAMPLE_TOKENIZER} in {seconds:.1f} s")
+        print(f"wrote the {args.vocab_size}-entry tokenizer in {seconds:.1f} s")
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,9 @@ class DataConfig:
     """Prefix of the .bin/.idx pair (without extension) when `name` is "indexed"."""
 
     tokenizer: str | None = None
-    """SentencePiece .model file; None uses the sample tokenizer shipped in
-    stability/data/sample/. Must be the tokenizer the indexed dataset was built with."""
+    """A shipped tokenizer by name: "sample" (8192 entries; None is the same) or "sample-2k"
+    (2048), both in stability/data/sample/; or a SentencePiece .model file. Must be the
+    tokenizer the indexed dataset was built with."""
 
     seq_length: int = 128
     """Tokens per training sequence (each sample reads seq_length + 1 tokens: inputs and
@@ -60,7 +61,9 @@ class DataConfig:
     def check_files(self) -> None:
         """Raise ConfigError when the tokenizer or the dataset named here does not exist (a
         look at the file system only: nothing is read or built)."""
-        if self.tokenizer and not Path(self.tokenizer).expanduser().is_file():
+        from stability.data.sample import tokenizer_path
+
+        if self.tokenizer and not tokenizer_path(self.tokenizer).is_file():
             raise ConfigError("data.tokenizer", self.tokenizer,
                               "an existing SentencePiece .model file")
         if self.name == "indexed":

@@ -24,7 +24,7 @@ from stability.data.cache import cache_root, file_lock
 from stability.data.config import DataConfig
 from stability.data.indexed import indexed_exists, read_metadata, sample_dataset_prefix
 from stability.data.loader import Batch, BatchLoader, check_batch_shape, eval_batches
-from stability.data.sample import SAMPLE_TOKENIZER
+from stability.data.sample import tokenizer_path
 from stability.data.tokenizer import Tokenizer
 from stability.errors import ConfigError
 
@@ -65,8 +65,9 @@ class TrainData:
 
 
 def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The configured tokenizer, or the shipped sample tokenizer when `cfg.tokenizer` is None."""
-    path = Path(cfg.tokenizer).expanduser() if cfg.tokenizer else SAMPLE_TOKENIZER
+    """The configured tokenizer: a shipped one by name (`sample`, `sample-2k`; None is
+    `sample`), or a file."""
+    path = tokenizer_path(cfg.tokenizer)
     if not path.is_file():
         raise ConfigError("data.tokenizer", cfg.tokenizer, "an existing SentencePiece .model file")
     try:

@@ -15,7 +15,7 @@ from megatron.core.utils import init_method_normal
 
 from stability.model.backends import backend_available
 from stability.model.config import ModelConfig
-from stability.model.layers import block_spec, build_norm, layer_spec
+from stability.model.layers import LocalColumnLinear, block_spec, build_norm, layer_spec
 
 if TYPE_CHECKING:
     from stability.runtime import Runtime
@@ -102,6 +102,8 @@ class GPTModel(MegatronGPTModel):
     def __init__(self, *args, scaled_embedding: bool = False, embedding_layernorm: bool = False,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.post_process:  # megatron builds it inline; the same module, plain on one rank
+            self.output_layer.__class__ = LocalColumnLinear
         self.embedding_scale = math.sqrt(self.config.hidden_size) if scaled_embedding else 1.0
         self.embedding_norm = build_norm(self.config) if (embedding_layernorm and
                                                           self.pre_process) else None

@@ -30,6 +30,7 @@ class _Appender(Callback):
         if self._file is not None:
             self._file.close()
         self._cut(state, reason)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
 
     def _cut(self, state: StepState, reason: str) -> None:

@@ -153,10 +153,10 @@ def test_virtual_pipeline_needs_micro_batches_in_groups_of_the_pipeline():
 
 def test_defaults_and_recipes_are_valid():
     for recipe in ("gpt", "llama2"):
-        for size in ("tiny", "small", "125m", "350m", "1.3b", "7b", "13b", "70b", "gpt175b",
-                     "llama172b"):
+        for size in ("tiny", "study", "small", "125m", "350m", "1.3b", "7b", "13b", "70b",
+                     "gpt175b", "llama172b"):
             overrides = [f"recipe={recipe}", f"size={size}"]
-            if size not in ("tiny", "small"):  # the recipe's published warmup needs a long run
+            if size not in ("tiny", "study", "small"):  # the published warmup needs a long run
                 overrides.append("trainer.train_steps=10000")
             validate(make_config(*overrides))
 

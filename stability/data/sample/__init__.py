@@ -15,7 +15,20 @@ SAMPLE_DIR = Path(__file__).resolve().parent
 SAMPLE_CORPUS = SAMPLE_DIR / "corpus.jsonl.xz"
 """One JSON object per line: text, lang ("en" | "ja"), source, license."""
 SAMPLE_TOKENIZER = SAMPLE_DIR / "tokenizer.model"
-"""SentencePiece BPE model (byte fallback) trained on the corpus."""
+"""SentencePiece BPE model (byte fallback) trained on the corpus: 8192 entries."""
+SAMPLE_TOKENIZERS = {"sample": SAMPLE_TOKENIZER, "sample-2k": SAMPLE_DIR / "tokenizer-2k.model"}
+"""The shipped tokenizers by the name ``data.tokenizer`` takes: the 8k one, and a 2048-entry
+one trained the same way, for CPU studies (docs/findings.md: at d=128 an 8k output layer is
+most of a small model's FLOPs, and most of its entries are seen a handful of times)."""
+
+
+def tokenizer_path(name: str | None) -> Path:
+    """The file of ``data.tokenizer``: a shipped tokenizer's name, else a path (None: sample)."""
+    if name is None:
+        return SAMPLE_TOKENIZER
+    if name in SAMPLE_TOKENIZERS:
+        return SAMPLE_TOKENIZERS[name]
+    return Path(name).expanduser()
 
 
 def iter_sample_documents() -> Iterator[dict[str, str]]:
