@@ -171,6 +171,12 @@ class Checkpointer:
         self.last_saved: int | None = None
         self.rollbacks = 0
 
+    @classmethod
+    def of(cls, root: Path, keep_last: int, topology: Any) -> Checkpointer:
+        """The checkpointer of a rank in a ``stability.parallel.Topology``."""
+        return cls(root, keep_last, topology.launch.rank, topology.launch.world_size,
+                   topology.device, topology.layout)
+
     # ------------------------------------------------------------------ save
     def save(self, state: dict[str, Any], step: int, config_yaml: str) -> Path:
         """Write ``state`` (this rank's) as the checkpoint of ``step``; collective."""

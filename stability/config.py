@@ -69,6 +69,13 @@ class TrainerConfig:
     logsumexp and loss."""
     threads: int | None = None
     """torch intra-op threads on CPU; None = torch's default."""
+    eval_interval: int | None = 0
+    """Steps between held-out evaluations (``eval_loss``, stability/evaluate.py); 0 = at the
+    end of the run only; null = never."""
+    eval_batches: int | None = None
+    """Global batches (trainer.global_batch_size sequences) of the held-out split per
+    evaluation; null = all its whole global batches. The same sequences in any parallel
+    layout."""
     log_interval: int | None = None
     """Steps between metric rows; None = every step on CPU, every 10 steps on GPU (a flush is
     the loop's one host sync: detectors act at flushes, a skip in the same step)."""
@@ -81,6 +88,10 @@ class TrainerConfig:
         positive("trainer.global_batch_size", self.global_batch_size)
         if self.log_interval is not None:
             positive("trainer.log_interval", self.log_interval)
+        if self.eval_interval is not None:
+            positive("trainer.eval_interval", self.eval_interval, zero_ok=True)
+        if self.eval_batches is not None:
+            positive("trainer.eval_batches", self.eval_batches)
         if self.threads is not None:
             positive("trainer.threads", self.threads)
 

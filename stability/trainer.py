@@ -31,6 +31,7 @@ from stability.checkpoint import Candidate, Checkpointer, rng_state, set_rng_sta
 from stability.config import Config, to_yaml
 from stability.data import build_train_data
 from stability.engine import build_engine
+from stability.evaluate import Evaluator
 from stability.metrics_buffer import MetricsBuffer
 from stability.model.build import build_model, causal_mask
 from stability.model.chunks import ModelChunks
@@ -61,10 +62,7 @@ class Trainer:
 
         dp = self.topology.dp_size
         self.accumulation = t.global_batch_size // (t.micro_batch_size * dp)
-        self.data = build_train_data(
-            cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size, dp_rank=self.topology.dp_rank, dp_size=dp,
-            train_samples=t.train_steps * t.global_batch_size)
+        self.data = build_data(cfg, self.topology)
         vocab_size = self.data.tokenizer.vocab_size
         self.chunks = build_chunks(cfg, runtime, vocab_size, self.device)
         self.model = self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
@@ -76,15 +74,16 @@ class Trainer:
         self.chunks[0].config.no_sync_func = self.engine.no_sync_func
         self.mask = causal_mask(cfg.data.seq_length, self.device)
         self.parameters = parallel.count_parameters(params, self.topology)
+        self.evaluator = Evaluator.of(t, self.data, self.forward_backward, self.engine.wrapped,
+                                      self.chunks, self.mask, self.topology)
 
         self.throughput = Throughput(
             model_flops_per_token(cfg.model, vocab_size, cfg.data.seq_length),
             peak_flops(self.device)[0], self.topology.launch.world_size)
         self.buffer = MetricsBuffer(self.throughput, parallel_state.get_data_parallel_group()
                                     if dp > 1 else None, dp)
-        self.checkpointer = Checkpointer(
-            self.files.checkpoints, cfg.checkpoint.keep_last, self.topology.launch.rank,
-            self.topology.launch.world_size, self.device, self.topology.layout)
+        self.checkpointer = Checkpointer.of(self.files.checkpoints, cfg.checkpoint.keep_last,
+                                            self.topology)
         self.callbacks = list(callbacks)
         self.control = Control()
         self.state = StepState(run_dir=self.files.root, device=self.device, model=self.model,
@@ -163,6 +162,8 @@ class Trainer:
         self._call("on_step_end")
         step_time = time.perf_counter() - start
         self.elapsed += step_time
+        if self.evaluator.due(state.step):
+            self.buffer.record("eval_loss", self.evaluator())
         self.buffer.end_step({"step": state.step, "lr": self.engine.optimizer.param_groups[0]["lr"],
                               "tokens": self.tokens, "time": self.elapsed,
                               "step_time": step_time})
@@ -213,11 +214,8 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward_step(self, data_iterator, model: torch.nn.Module):
-        """megatron's forward_step_func: one micro batch through one model chunk.
-
-        Every stage reads the same micro batches (same data-parallel rank): the first stage
-        reads the tokens, the last the labels; a later stage's input comes from its neighbour.
-        """
+        """megatron's forward_step_func: one micro batch through one model chunk (every stage
+        reads the same micro batches; a later stage's input comes from its neighbour)."""
         batch = next(data_iterator)
         output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
                        attention_mask=self.mask)
@@ -254,6 +252,7 @@ class Trainer:
         return {
             "step": self.state.step, "tokens": self.tokens, "elapsed": self.elapsed,
             "rollbacks": self.checkpointer.rollbacks, "last_row": self.last_row,
+            "evaluator": self.evaluator.state_dict(),
             "model": self.model.state_dict(), "optimizer": self.engine.state_dict(),
             "scheduler_steps": self.scheduler.num_steps, "data": self.data.loader.state_dict(),
             "rng": rng_state(self.runtime.device_type),
@@ -266,6 +265,7 @@ class Trainer:
         self.state.step, self.tokens, self.elapsed = state["step"], state["tokens"], \
             state["elapsed"]
         self.last_row = state["last_row"]
+        self.evaluator.load_state_dict(state["evaluator"])
         if reason == "resume":
             self.checkpointer.rollbacks = self.state.rollbacks = state["rollbacks"]
         self.model.load_state_dict(state["model"])
@@ -285,6 +285,7 @@ class Trainer:
         if status == "completed" and not math.isfinite(loss):
             status = "diverged"
         summary = {"status": status, "steps": self.state.step, "final_loss": loss,
+                   "eval_loss": self.evaluator.last_loss(),
                    "tokens": self.tokens, "parameters": self.parameters,
                    "rollbacks": self.checkpointer.rollbacks, **self.throughput.summary()}
         if self.runtime.is_cuda:
@@ -294,6 +295,15 @@ class Trainer:
         for callback in self.callbacks:
             summary.update(callback.summary())
         return summary
+
+
+def build_data(cfg: Config, topology: parallel.Topology):
+    """The run's tokenizer, datasets and this rank's loader (stability.data)."""
+    t = cfg.trainer
+    return build_train_data(
+        cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
+        train_samples=t.train_steps * t.global_batch_size)
 
 
 def seed_everything(seed: int, tp_rank: int, device_type: str) -> None:

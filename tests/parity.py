@@ -42,8 +42,11 @@ def summary(run_dir: Path) -> dict:
 
 
 def assert_same(reference: list[dict], other: list[dict], keys=("loss", "grad_norm")) -> None:
-    """Equal to 1e-5 step by step, and the reference trained (its loss fell)."""
+    """Equal to 1e-5 step by step (the held-out loss at the end too), and the reference
+    trained (its loss fell)."""
     for a, b in zip(reference, other, strict=True):
         for key in keys:
             assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (a["step"], key)
+    assert reference[-1]["eval_loss"] == pytest.approx(other[-1]["eval_loss"], abs=1e-5,
+                                                       rel=1e-5)
     assert reference[-1]["loss"] < reference[0]["loss"]  # it trained

@@ -37,7 +37,7 @@ import wandb
 from stability.callbacks import Callback, Control, Flush, StepState
 from stability.sinks.config import WandbConfig
 
-TRAIN_KEYS = frozenset({"loss", "grad_norm", "lr", "tokens", "z_loss"})
+TRAIN_KEYS = frozenset({"loss", "grad_norm", "lr", "tokens", "z_loss", "eval_loss"})
 """What is optimised and how: ``train/<key>``."""
 
 SPIKE_KEYS = frozenset({

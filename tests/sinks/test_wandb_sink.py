@@ -260,6 +260,7 @@ def test_events_reach_wandb_with_the_row_they_came_from(tmp_path, make_state):
 @pytest.mark.parametrize("key, name", [
     ("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("lr", "train/lr"),
     ("tokens", "train/tokens"), ("z_loss", "train/z_loss"), ("step", "step"),
+    ("eval_loss", "train/eval_loss"),
     ("logsumexp_mean", "spike/logsumexp_mean"), ("logit_max_abs", "spike/logit_max_abs"),
     ("attn_logit_max", "spike/attn_logit_max"), ("update_ratio_max", "spike/update_ratio_max"),
     ("embedding_std", "spike/embedding_std"), ("adam_v_below_eps", "spike/adam_v_below_eps"),

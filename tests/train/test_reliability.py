@@ -123,6 +123,7 @@ def test_a_requeue_after_preemption_at_the_last_step_completes_the_run(finished,
     after = json.loads((run_dir / "summary.json").read_text())
     assert after["status"] == "completed" and after["steps"] == 12
     assert after["final_loss"] == summary["final_loss"] == rows(run_dir)[-1]["loss"]
+    assert after["eval_loss"] == summary["eval_loss"] == rows(run_dir)[-1]["eval_loss"]
     assert [r["step"] for r in rows(run_dir)] == list(range(1, 13))
 
 
