@@ -123,6 +123,11 @@ class LossConfig:
 
     z_loss: float = 0.0
     """Coefficient of the z-loss, coef * mean(logsumexp(logits)^2); 0 = off (PaLM uses 1e-4)."""
+    scale: float = 1.0
+    """Multiply the objective by this before backward (logged losses are not scaled). Adam is
+    invariant to it except through eps (and clipping, in absolute units), so a small scale
+    emulates the small gradients of a large model at small scale (Wortsman et al. 2023, 3.4)."""
 
     def validate(self) -> None:
         positive("loss.z_loss", self.z_loss, zero_ok=True)
+        positive("loss.scale", self.scale)
