@@ -1,15 +1,16 @@
 """The paper figures' studies: which sweep each runs, at which scale, and what it claims.
 
-A study has one or more parts; a part is a named sweep of ``sweeps/`` (``+sweep=NAME``) plus,
-per scale, the overrides that size it (seeds, LR grid, steps, regime): Hydra's override grammar,
-comma lists swept as the basic sweeper sweeps them (a key swept in the sweep file and given here
-takes the value given here).
+A study has one or more parts; a part is a named sweep of ``stability/conf/sweep/``
+(``+sweep=NAME``) plus, per scale, the overrides that size it (seeds, LR grid, steps, regime):
+Hydra's override grammar, comma lists swept as the basic sweeper sweeps them (a key swept in the
+sweep file and given here takes the value given here).
 
 :func:`plan` expands every study into jobs, composes each job's config (:class:`Composer`), and
 names its run directory after the resolved config (a hash), so that a run two studies need (the
 GPT baseline of ``gpt_vs_llama2``, ``qk_norm``, ``norm_placement``, ...) is trained once. A plan
 of ~400 jobs takes ~15 s of CPU to compose, so it is cached under ``<runs>/.plans/``, keyed by the
-contents of ``conf/``, ``sweeps/``, the config schema and the study definitions below.
+contents of ``stability/conf/`` (the sweeps included), the config schema and the study
+definitions below.
 
 This module composes configs (Hydra, ``stability.config``) but never imports the training loop
 or torch; the figures (:mod:`analysis.figures`) read only run directories.
@@ -28,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEPS_DIR = REPO / "sweeps"
+"""The checkout (or site-packages, installed): ``stability/`` and ``analysis/`` are under it."""
+CONF_DIR = REPO / "stability" / "conf"
+"""The config tree (``stability.config.CONF_DIR``, without importing it)."""
+SWEEPS_DIR = CONF_DIR / "sweep"
 
 # --- scales ---------------------------------------------------------------------------------
 
@@ -250,7 +254,8 @@ def _job(overrides: list[str], config: Mapping[str, Any]) -> Job:
 
 
 class Composer:
-    """Composes configs with Hydra (``stability.config``'s tree, ``conf/sweep`` -> ``sweeps``).
+    """Composes configs with Hydra (``stability.config``'s tree, ``+sweep=NAME`` from its
+    ``sweep/`` group).
 
     Hydra composes the defaults list (recipe, size, sweep files) and then applies each plain
     ``key=value`` override with ``OmegaConf.update``. Jobs of a study differ mostly in plain
@@ -344,9 +349,7 @@ def _files_digest(paths: Iterable[Path]) -> str:
 
 def plan_digest(names: Sequence[str], scale: str) -> str:
     """Hash of everything a plan depends on: config tree, sweeps, schema, study definitions."""
-    conf = [p for p in (REPO / "conf").rglob("*.yaml") if "sweep" not in p.relative_to(
-        REPO / "conf").parts[:1]]
-    files = [*conf, *SWEEPS_DIR.rglob("*.yaml"), REPO / "stability" / "config.py",
+    files = [*CONF_DIR.rglob("*.yaml"), REPO / "stability" / "config.py",
              REPO / "stability" / "data" / "config.py"]
     h = hashlib.sha1(_files_digest(p for p in files if p.is_file()).encode())
     h.update(json.dumps([SCALES[scale].common, *(
