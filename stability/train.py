@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from stability.config import CONF_MODULE, Config, from_node, register_configs, to_dict
 from stability.errors import ConfigError, RunError
+from stability.sinks.config import RunLabels
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -38,11 +39,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("stability.train")  # also when run as __main__
 
 
-def default_callbacks(cfg: Config, run_dir: Path, is_main: bool,
-                      preemption: Any = None) -> list[Callback]:
+def default_callbacks(cfg: Config, run_dir: Path, is_main: bool, preemption: Any = None,
+                      labels: RunLabels | None = None) -> list[Callback]:
     """Fault injection, monitors, detectors and actions, preemption on every rank; the files,
     console and W&B on rank 0. In this order: producers of statistics and events before the
-    sinks that write them."""
+    sinks that write them. ``labels``: the W&B run's name and group from the launch."""
     from stability.preemption import PreemptionWatch
     from stability.sinks.console import ConsoleProgress
     from stability.sinks.jsonl import EventsWriter, MetricsWriter
@@ -63,15 +64,20 @@ def default_callbacks(cfg: Config, run_dir: Path, is_main: bool,
         callbacks += [MetricsWriter(run_dir), EventsWriter(run_dir)]
         if cfg.logger.console:
             callbacks.append(ConsoleProgress(cfg.trainer.train_steps))
-        if cfg.logger.wandb.mode != "disabled":
+        if cfg.logger.wandb.resolved_mode() != "disabled":
             from stability.sinks.wandb import WandbSink  # imports wandb only when it is used
 
-            callbacks.append(WandbSink(cfg.logger.wandb, run_dir, to_dict(cfg)))
+            callbacks.append(WandbSink(cfg.logger.wandb, run_dir, to_dict(cfg), labels))
     return callbacks
 
 
-def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def run(cfg: Config, run_dir: Path, labels: RunLabels | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` (or leave a finished one alone); its summary.
+
+    Args:
+        cfg: The run's config.
+        run_dir: The run directory.
+        labels: How the launch names the run for W&B (name, group); None = from the directory.
 
     Raises:
         ConfigError: A bad config value (before any work).
@@ -109,13 +115,14 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
             if newest:
                 resume.check(resume.changes(resume.read_config(newest[0].config),
                                             to_dict(cfg)), newest[0].config)
-        return _train(cfg, files, runtime, is_main)
+        return _train(cfg, files, runtime, is_main, labels)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, files: Any, runtime: Any, is_main: bool) -> dict[str, Any]:
+def _train(cfg: Config, files: Any, runtime: Any, is_main: bool,
+           labels: RunLabels | None) -> dict[str, Any]:
     from stability import parallel, resume
     from stability.preemption import Preemption
     from stability.runfiles import write_json
@@ -126,7 +133,8 @@ def _train(cfg: Config, files: Any, runtime: Any, is_main: bool) -> dict[str, An
     started = time.monotonic()
     try:
         trainer = Trainer(cfg, files.root, default_callbacks(cfg, files.root, is_main,
-                                                             preemption), runtime=runtime)
+                                                             preemption, labels),
+                          runtime=runtime)
         loaded = trainer.start(resume=cfg.checkpoint.resume == "auto")
         if is_main:
             resume.record(files, cfg, trainer.state.step,
@@ -199,13 +207,30 @@ def _rank_from_env() -> int:
 register_configs()
 
 
+def labels_from_hydra(hydra_cfg: Any, cfg: Config) -> RunLabels:
+    """The W&B run's readable name and its group, from Hydra's job: the name is the run's
+    recipe, size and overrides (``gpt-tiny/optim.lr=0.001,trainer.seed=1``, what a single run's
+    directory is named after; in a multirun the directory is only the job number); the group is
+    the named study (``+sweep=NAME``), else a multirun's sweep directory name, else none."""
+    overrides = list(hydra_cfg.overrides.task)
+    study = next((o.split("=", 1)[1] for o in overrides if o.startswith("+sweep=")), None)
+    mode = str(hydra_cfg.mode)
+    group = study
+    if group is None and mode.endswith("MULTIRUN"):
+        group = Path(str(hydra_cfg.sweep.dir)).name
+    name = f"{cfg.recipe}-{cfg.size}"
+    if hydra_cfg.job.override_dirname:
+        name += f"/{hydra_cfg.job.override_dirname}"
+    return RunLabels(name=name, group=group)
+
+
 def _task(node: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     try:
         cfg = from_node(node)
         hydra_cfg = HydraConfig.get()
-        summary = run(cfg, Path(hydra_cfg.runtime.output_dir))
+        summary = run(cfg, Path(hydra_cfg.runtime.output_dir), labels_from_hydra(hydra_cfg, cfg))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         sys.exit(2)
