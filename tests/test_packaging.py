@@ -1,9 +1,12 @@
 """The package as users install it: a non-editable wheel in a fresh venv runs from any
-directory; the command line is fast and documents every key."""
+directory; every imported package is declared; the pins say what their comments say."""
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata as md
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,11 +15,30 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 from helpers import REPO
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 SCRIPTS = PROJECT["scripts"]
+FIRST_PARTY = {"stability", "analysis", "hydra_plugins", "benchmarks", "helpers", "parity",
+               "wandb_records", "detector_series", "conftest"}
+OPTIONAL = {"flash_attn": "flash-attn", "transformer_engine": "transformer-engine"}
+"""Imported only on a GPU, inside try or behind an availability check: the ``gpu`` extra."""
+
+
+def requirements(*extras: str) -> dict[str, Requirement]:
+    """Requirement by normalised name: the dependencies and the given extras."""
+    reqs = list(PROJECT["dependencies"])
+    for extra in extras:
+        reqs += PROJECT["optional-dependencies"][extra]
+    return {canonical(r.name): r for r in map(Requirement, reqs)}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 # ---------------------------------------------------------------------- a fresh venv
@@ -116,3 +138,79 @@ def test_help_lists_every_key_with_its_docstring_and_this_command_s_value(tmp_pa
     assert "  optim.lr = 0.02\n      Peak learning rate." in text
     assert "  model.norm_type = layernorm\n" in text and "recipe: gpt, llama2" in text
     assert "sweep: ablation, " in text  # the named studies, a config group
+
+
+# ---------------------------------------------------------------------- declared imports
+def imported_top_level(root: Path) -> dict[str, Path]:
+    """Top-level names of every absolute import under ``root`` -> a file that imports it."""
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], path)
+    return found
+
+
+@pytest.mark.parametrize("tree, extras", [("stability", ("gpu",)), ("analysis", ()),
+                                          ("hydra_plugins", ()), ("tests", ("dev",))])
+def test_every_imported_package_is_declared(tree, extras):
+    declared = requirements(*extras)
+    distributions = md.packages_distributions()
+    missing = []
+    for name, path in imported_top_level(REPO / tree).items():
+        if name in sys.stdlib_module_names or name in FIRST_PARTY or name == "__future__":
+            continue
+        candidates = OPTIONAL.get(name) or distributions.get(name)
+        candidates = [candidates] if isinstance(candidates, str) else candidates or [name]
+        if not any(canonical(c) in declared for c in candidates):
+            missing.append(f"{name} ({path.relative_to(REPO)}): {candidates}")
+    assert not missing, missing
+
+
+# ---------------------------------------------------------------------- pins
+def floor(req: Requirement) -> Version:
+    return min(Version(s.version) for s in req.specifier if s.operator in (">=", "=="))
+
+
+def dependency_of(distribution: str, name: str, extra: str | None = None) -> Requirement:
+    """``distribution``'s own requirement on ``name`` (in ``extra``), from its metadata."""
+    for text in md.requires(distribution) or []:
+        req = Requirement(text)
+        if canonical(req.name) == canonical(name) and (
+                extra is None or (req.marker and req.marker.evaluate({"extra": extra}))):
+            return req
+    raise AssertionError(f"{distribution} does not require {name}")
+
+
+def test_pins_agree_with_what_the_dependencies_require():
+    ours = requirements("gpu")
+    megatron = md.version("megatron-core")
+    assert Version(megatron) in ours["megatron-core"].specifier
+    assert not ours["megatron-core"].specifier.contains("0.17.0")  # needs Python 3.12, untested
+    # megatron-core's own torch floor, and wandb-workspaces' wandb floor
+    assert floor(ours["torch"]) >= floor(dependency_of("megatron-core", "torch"))
+    assert floor(ours["wandb"]) >= floor(dependency_of("wandb-workspaces", "wandb"))
+    assert floor(ours["pydantic"]) >= floor(dependency_of("wandb-workspaces", "pydantic"))
+    # Transformer Engine: megatron-core's own range (its dev extra)
+    te = dependency_of("megatron-core", "transformer-engine", extra="dev")
+
+    def bounds(req: Requirement) -> dict[str, Version]:  # 2.9.0a0 -> 2.9: no pre-releases
+        return {s.operator: Version(Version(s.version).base_version) for s in req.specifier}
+
+    assert bounds(ours["transformer-engine"]) == bounds(te)
+    # what this environment runs satisfies the pins (the tests test these versions)
+    for name in ("torch", "wandb", "wandb-workspaces", "hydra-core", "pydantic", "pyyaml"):
+        assert ours[name].specifier.contains(Version(md.version(name)).base_version), name
+
+
+def test_the_gpu_extra_is_documented():
+    gpu = (REPO / "docs" / "gpu.md").read_text()
+    assert "--no-build-isolation" in gpu and '".[gpu]"' in gpu
+    for req in PROJECT["optional-dependencies"]["gpu"]:
+        assert req in gpu, req  # docs/gpu.md states the pyproject's pins as they are
