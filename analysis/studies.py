@@ -83,9 +83,9 @@ KEY_EXCLUDED = ("logger", "checkpoint", "trainer.threads", "hydra")
 
 @dataclass(frozen=True)
 class Grid:
-    """One sweep of a study: a sweep file of ``sweeps/`` and, per scale, the overrides that
-    size it (override grammar; comma lists are swept, a key the sweep file sweeps takes the
-    value given here). ``sweep=None``: the overrides alone define the grid."""
+    """One sweep of a study: a sweep file of ``stability/conf/sweep/`` and, per scale, the
+    overrides that size it (override grammar; comma lists are swept, a key the sweep file sweeps
+    takes the value given here). ``sweep=None``: the overrides alone define the grid."""
 
     sweep: str | None
     scales: Mapping[str, tuple[str, ...]]
@@ -416,7 +416,7 @@ SEEDS = "trainer.seed=1,2,3"
 
 # CPU: the tiny model (d=64, 2 layers, 4 heads, 8k vocabulary), batch 8 x 64 tokens, 100 steps,
 # two single-threaded runs at a time (~0.15 s a step). The bases are the ablation's
-# (sweeps/ablation/gpt.yaml, llama2.yaml): GPT with min LR 1e-4 and warmup 10%, Llama2 with min
+# (sweep/ablation/gpt.yaml, llama2.yaml): GPT with min LR 1e-4 and warmup 10%, Llama2 with min
 # LR 1e-3 and warmup 5.8%, so that every study's GPT or Llama2 run at an LR is the ablation's run
 # (trained once).
 CPU = ("data.seq_length=64", "trainer.train_steps=100")
@@ -434,7 +434,7 @@ GPU_LLAMA2 = (*GPU, "recipe=llama2", "optim.min_lr=1e-3", "optim.warmup_steps=23
 GPU_LRS = _lrs(3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 GPU_ABLATION_LRS = _lrs(3e-3, 3e-2, 3e-1)
 
-# The regime that separates the recipes (the second pilot's, DESIGN.md; sweeps/gpt_vs_llama2.yaml):
+# The regime that separates the recipes (the second pilot's, DESIGN.md; sweep/gpt_vs_llama2.yaml):
 # no clipping, weight decay 1e-4 independent of the peak LR, warmup 40 of an 800-step cosine
 # (min LR 1e-4 for both recipes, so that the ablation's GPT runs here are these). With the 8k
 # vocabulary it separates them from LR 0.5 up: GPT's output logits blow up, Llama2's do not.
