@@ -37,14 +37,21 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def section_of(f: dataclasses.Field) -> type | None:
+    """The dataclass of a nested section field, or None for a plain value (``detectors.params``
+    is an open dict: any detector name)."""
+    if f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
 def keys(schema: type, prefix: str = "") -> Iterator[tuple[str, str, type | None]]:
     """``(dotted key, docstring, section class or None)`` for every field, depth first; a
     section comes before its keys, with its class docstring."""
-    from stability.config import _section_of
-
     docs = field_docs(schema)
     for f in dataclasses.fields(schema):
-        section = _section_of(f)
+        section = section_of(f)
         key = prefix + f.name
         if section is not None:
             yield key, inspect.cleandoc(section.__doc__ or ""), section
@@ -66,14 +73,12 @@ def _value(root: Any, key: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def keys_help(root: Any = None) -> str:
+def keys_help(schema: type, root: Any = None) -> str:
     """The ``Keys`` part of ``--help``: ``key = value`` and the docstring, indented, for every
-    key of the schema, grouped by section. ``$`` is doubled (Hydra fills the help template with
-    :class:`string.Template`)."""
-    from stability.config import Config
-
+    key of ``schema``, grouped by section; the values are ``root``'s (the composed config).
+    ``$`` is doubled (Hydra fills the help template with :class:`string.Template`)."""
     lines = []
-    for key, doc, section in keys(Config):
+    for key, doc, section in keys(schema):
         if section is not None:
             lines += ["", f"{key}: {doc.splitlines()[0] if doc else ''}"]
             continue
@@ -86,13 +91,13 @@ def keys_help(root: Any = None) -> str:
     return "\n".join(lines).replace("$", "$$")
 
 
-def _resolver(*, _root_: Any) -> str:
-    return keys_help(_root_)
-
-
-def register() -> None:
-    """The ``${stability_help:}`` resolver of the help template."""
+def register(schema: type) -> None:
+    """The ``${stability_help:}`` resolver of the help template, for the root dataclass
+    ``schema`` (``stability.config.Config``; this module imports no part of the project)."""
     from omegaconf import OmegaConf
 
+    def resolver(*, _root_: Any) -> str:
+        return keys_help(schema, _root_)
+
     if not OmegaConf.has_resolver("stability_help"):
-        OmegaConf.register_new_resolver("stability_help", _resolver)
+        OmegaConf.register_new_resolver("stability_help", resolver)

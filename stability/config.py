@@ -37,6 +37,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from stability import cli_help
+from stability.cli_help import section_of
 from stability.data.config import DataConfig
 from stability.errors import ConfigError, divisible, one_of, positive
 from stability.model.config import LossConfig, ModelConfig
@@ -193,12 +195,10 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 def register_configs() -> None:
     """Register the schema (stability/conf/config.yaml extends it) and our resolvers."""
-    from stability import cli_help
-
     ConfigStore.instance().store(name="stability_schema", node=Config)
     if not OmegaConf.has_resolver("steps_fraction"):
         OmegaConf.register_new_resolver("steps_fraction", steps_fraction)
-    cli_help.register()
+    cli_help.register(Config)
 
 
 def steps_fraction(steps: int, fraction: float) -> int:
@@ -221,18 +221,9 @@ def _refuse_unknown_keys(values: Any, schema: type, prefix: str) -> None:
         if key not in fields:
             allowed = ", ".join(prefix + name for name in fields)
             raise ConfigError(prefix + str(key), value, f"a key of the schema ({allowed})")
-        section = _section_of(fields[key])
+        section = section_of(fields[key])
         if section is not None and isinstance(value, dict):
             _refuse_unknown_keys(value, section, f"{prefix}{key}.")
-
-
-def _section_of(f: dataclasses.Field) -> type | None:
-    """The dataclass of a nested section field, or None for a plain value (``detectors.params``
-    is an open dict: any detector name)."""
-    if f.default_factory is dataclasses.MISSING:
-        return None
-    default = f.default_factory()
-    return type(default) if dataclasses.is_dataclass(default) else None
 
 
 def compose(*overrides: str) -> Config:
