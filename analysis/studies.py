@@ -1,15 +1,16 @@
 """The paper figures' studies: which sweep each runs, at which scale, and what it claims.
 
-A study has one or more parts; a part is a named sweep of ``sweeps/`` (``+sweep=NAME``) plus,
-per scale, the overrides that size it (seeds, LR grid, steps, regime): Hydra's override grammar,
-comma lists swept as the basic sweeper sweeps them (a key swept in the sweep file and given here
-takes the value given here).
+A study has one or more parts; a part is a named sweep of ``stability/conf/sweep/``
+(``+sweep=NAME``) plus, per scale, the overrides that size it (seeds, LR grid, steps, regime):
+Hydra's override grammar, comma lists swept as the basic sweeper sweeps them (a key swept in the
+sweep file and given here takes the value given here).
 
 :func:`plan` expands every study into jobs, composes each job's config (:class:`Composer`), and
 names its run directory after the resolved config (a hash), so that a run two studies need (the
 GPT baseline of ``gpt_vs_llama2``, ``qk_norm``, ``norm_placement``, ...) is trained once. A plan
 of ~400 jobs takes ~15 s of CPU to compose, so it is cached under ``<runs>/.plans/``, keyed by the
-contents of ``conf/``, ``sweeps/``, the config schema and the study definitions below.
+contents of ``stability/conf/`` (the sweeps included), the config schema and the study
+definitions below.
 
 This module composes configs (Hydra, ``stability.config``) but never imports the training loop
 or torch; the figures (:mod:`analysis.figures`) read only run directories.
@@ -28,7 +29,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SWEEPS_DIR = REPO / "sweeps"
+"""The checkout (or site-packages, installed): ``stability/`` and ``analysis/`` are under it."""
+CONF_DIR = REPO / "stability" / "conf"
+"""The config tree (``stability.config.CONF_DIR``, without importing it)."""
+SWEEPS_DIR = CONF_DIR / "sweep"
 
 # --- scales ---------------------------------------------------------------------------------
 
@@ -79,9 +83,9 @@ KEY_EXCLUDED = ("logger", "checkpoint", "trainer.threads", "hydra")
 
 @dataclass(frozen=True)
 class Grid:
-    """One sweep of a study: a sweep file of ``sweeps/`` and, per scale, the overrides that
-    size it (override grammar; comma lists are swept, a key the sweep file sweeps takes the
-    value given here). ``sweep=None``: the overrides alone define the grid."""
+    """One sweep of a study: a sweep file of ``stability/conf/sweep/`` and, per scale, the
+    overrides that size it (override grammar; comma lists are swept, a key the sweep file sweeps
+    takes the value given here). ``sweep=None``: the overrides alone define the grid."""
 
     sweep: str | None
     scales: Mapping[str, tuple[str, ...]]
@@ -250,7 +254,8 @@ def _job(overrides: list[str], config: Mapping[str, Any]) -> Job:
 
 
 class Composer:
-    """Composes configs with Hydra (``stability.config``'s tree, ``conf/sweep`` -> ``sweeps``).
+    """Composes configs with Hydra (``stability.config``'s tree, ``+sweep=NAME`` from its
+    ``sweep/`` group).
 
     Hydra composes the defaults list (recipe, size, sweep files) and then applies each plain
     ``key=value`` override with ``OmegaConf.update``. Jobs of a study differ mostly in plain
@@ -344,9 +349,7 @@ def _files_digest(paths: Iterable[Path]) -> str:
 
 def plan_digest(names: Sequence[str], scale: str) -> str:
     """Hash of everything a plan depends on: config tree, sweeps, schema, study definitions."""
-    conf = [p for p in (REPO / "conf").rglob("*.yaml") if "sweep" not in p.relative_to(
-        REPO / "conf").parts[:1]]
-    files = [*conf, *SWEEPS_DIR.rglob("*.yaml"), REPO / "stability" / "config.py",
+    files = [*CONF_DIR.rglob("*.yaml"), REPO / "stability" / "config.py",
              REPO / "stability" / "data" / "config.py"]
     h = hashlib.sha1(_files_digest(p for p in files if p.is_file()).encode())
     h.update(json.dumps([SCALES[scale].common, *(
@@ -413,7 +416,7 @@ SEEDS = "trainer.seed=1,2,3"
 
 # CPU: the tiny model (d=64, 2 layers, 4 heads, 8k vocabulary), batch 8 x 64 tokens, 100 steps,
 # two single-threaded runs at a time (~0.15 s a step). The bases are the ablation's
-# (sweeps/ablation/gpt.yaml, llama2.yaml): GPT with min LR 1e-4 and warmup 10%, Llama2 with min
+# (sweep/ablation/gpt.yaml, llama2.yaml): GPT with min LR 1e-4 and warmup 10%, Llama2 with min
 # LR 1e-3 and warmup 5.8%, so that every study's GPT or Llama2 run at an LR is the ablation's run
 # (trained once).
 CPU = ("data.seq_length=64", "trainer.train_steps=100")
@@ -431,7 +434,7 @@ GPU_LLAMA2 = (*GPU, "recipe=llama2", "optim.min_lr=1e-3", "optim.warmup_steps=23
 GPU_LRS = _lrs(3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 GPU_ABLATION_LRS = _lrs(3e-3, 3e-2, 3e-1)
 
-# The regime that separates the recipes (the second pilot's, DESIGN.md; sweeps/gpt_vs_llama2.yaml):
+# The regime that separates the recipes (the second pilot's, DESIGN.md; sweep/gpt_vs_llama2.yaml):
 # no clipping, weight decay 1e-4 independent of the peak LR, warmup 40 of an 800-step cosine
 # (min LR 1e-4 for both recipes, so that the ablation's GPT runs here are these). With the 8k
 # vocabulary it separates them from LR 0.5 up: GPT's output logits blow up, Llama2's do not.

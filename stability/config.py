@@ -1,8 +1,8 @@
 """Typed configuration: the schema of every run, registered in Hydra's ConfigStore.
 
-The schema is a tree of dataclasses; YAML files under ``conf/`` only set values. Each section
-lives next to the component it configures, in a module that imports no torch (so that the
-command line, ``--help`` and tab completion stay fast), and checks its own values in
+The schema is a tree of dataclasses; YAML files under ``stability/conf/`` only set values. Each
+section lives next to the component it configures, in a module that imports no torch (so that
+the command line, ``--help`` and tab completion stay fast), and checks its own values in
 ``validate()``:
 
 ============  =====================================  ==========================================
@@ -37,6 +37,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from stability import cli_help
+from stability.cli_help import section_of
 from stability.data.config import DataConfig
 from stability.errors import ConfigError, divisible, one_of, positive
 from stability.model.config import LossConfig, ModelConfig
@@ -142,9 +144,9 @@ class Config:
     """One training run."""
 
     recipe: str = "llama2"
-    """Name of the recipe the values came from (informational; set by conf/recipe/*)."""
+    """Name of the recipe the values came from (informational; set by stability/conf/recipe/*)."""
     size: str = "tiny"
-    """Name of the size preset (informational; set by conf/size/*)."""
+    """Name of the size preset (informational; set by stability/conf/size/*)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -196,14 +198,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
 
 
 # ---------------------------------------------------------------------- Hydra
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_MODULE = "stability.conf"
+"""The config tree as a Python package: Hydra's ``pkg://stability.conf`` (found in a wheel too)."""
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The same tree on disk (``stability/conf/``); its named studies are ``CONF_DIR / "sweep"``."""
 
 
 def register_configs() -> None:
-    """Register the schema (conf/config.yaml extends it) and our resolvers."""
+    """Register the schema (stability/conf/config.yaml extends it) and our resolvers."""
     ConfigStore.instance().store(name="stability_schema", node=Config)
     if not OmegaConf.has_resolver("steps_fraction"):
         OmegaConf.register_new_resolver("steps_fraction", steps_fraction)
+    cli_help.register(Config)
 
 
 def steps_fraction(steps: int, fraction: float) -> int:
@@ -226,27 +232,18 @@ def _refuse_unknown_keys(values: Any, schema: type, prefix: str) -> None:
         if key not in fields:
             allowed = ", ".join(prefix + name for name in fields)
             raise ConfigError(prefix + str(key), value, f"a key of the schema ({allowed})")
-        section = _section_of(fields[key])
+        section = section_of(fields[key])
         if section is not None and isinstance(value, dict):
             _refuse_unknown_keys(value, section, f"{prefix}{key}.")
-
-
-def _section_of(f: dataclasses.Field) -> type | None:
-    """The dataclass of a nested section field, or None for a plain value (``detectors.params``
-    is an open dict: any detector name)."""
-    if f.default_factory is dataclasses.MISSING:
-        return None
-    default = f.default_factory()
-    return type(default) if dataclasses.is_dataclass(default) else None
 
 
 def compose(*overrides: str) -> Config:
     """The typed config that ``python -m stability.train OVERRIDES`` would run (no Hydra run)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from hydra import initialize_config_module
 
     register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+    with initialize_config_module(CONF_MODULE, version_base="1.3"):
         node = hydra_compose("config", overrides=list(overrides))
     return from_node(node)
 

@@ -18,7 +18,9 @@ and the Loss section adds a scatter of the events table (W&B's built-in ``wandb/
 custom chart).
 
 ``build_workspace`` is pure and offline; ``--print`` prints the definition, ``--spec`` the view
-spec that ``--save`` uploads (saving needs the network and a W&B API key).
+spec that ``--save`` uploads (saving needs the network and a W&B API key). ``--save`` updates
+the project's saved view of the same name when there is one (:func:`save`), so saving again
+after a change replaces the dashboard instead of adding another.
 """
 
 from __future__ import annotations
@@ -136,6 +138,46 @@ def view_spec(workspace: ws.Workspace) -> dict[str, Any]:
     return workspace._to_model().model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+VIEWS_QUERY = """
+query ProjectViews($entityName: String, $name: String) {
+    project(name: $name, entityName: $entityName) {
+        allViews(viewType: "project-view") {
+            edges { node { id name displayName } }
+        }
+    }
+}
+"""
+"""The project's saved workspace views (id, internal name, display name)."""
+
+
+def saved_views(entity: str, project: str, name: str, execute: Any = None) -> list[dict]:
+    """The saved views of ``entity/project`` whose display name is ``name`` (W&B's API).
+
+    Args:
+        execute: ``(query, variables) -> response``; None = W&B's API with the local key.
+    """
+    if execute is None:
+        import wandb
+        from wandb_workspaces._graphql import execute_graphql
+
+        api = wandb.Api()
+        execute = lambda query, variables: execute_graphql(api, query, variables)  # noqa: E731
+    response = execute(VIEWS_QUERY, {"entityName": entity, "name": project})
+    edges = ((response.get("project") or {}).get("allViews") or {}).get("edges") or []
+    return [e["node"] for e in edges if e.get("node", {}).get("displayName") == name]
+
+
+def save(workspace: ws.Workspace, execute: Any = None) -> str:
+    """Save ``workspace``: over the saved view of the same name when the project has one (the
+    first, when several do), else as a new view. ``updated`` or ``created``."""
+    existing = saved_views(workspace.entity, workspace.project, workspace.name, execute)
+    if existing:
+        workspace._internal_name = existing[0]["name"]
+        workspace._internal_id = existing[0]["id"]
+    workspace.save()
+    return "updated" if existing else "created"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stability.dashboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", action="store_true",
                         help="print the view spec that --save uploads, as JSON (offline)")
     parser.add_argument("--save", action="store_true",
-                        help="save the workspace to W&B (needs the network and an API key)")
+                        help="save the workspace to W&B, over the view of the same name if the "
+                             "project has one (needs the network and an API key)")
     args = parser.parse_args(argv)
     workspace = build_workspace(args.entity, args.project, args.name)
     if args.print_ or not (args.spec or args.save):
@@ -156,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(view_spec(workspace), indent=1))
     if args.save:
         try:
-            workspace.save()
+            how = save(workspace)
         except Exception as err:  # no key, no network, no such entity/project, ...
             print(f"could not save the workspace to {args.entity}/{args.project}: "
                   f"{type(err).__name__}: {err}\nSaving needs the network and a W&B API key "
                   "(`wandb login` or WANDB_API_KEY); --print and --spec work offline.",
                   file=sys.stderr)
             return 1
-        print(f"saved: {workspace.url}")
+        print(f"{how}: {workspace.url}")
     return 0
 
 

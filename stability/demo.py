@@ -20,8 +20,9 @@ RECIPES = ("gpt", "llama2")
 
 
 def train_command(recipe: str, args: argparse.Namespace, run_dir: Path) -> list[str]:
+    lr = [] if args.lr is None else [f"optim.lr={args.lr}"]
     return [sys.executable, "-m", "stability.train", f"recipe={recipe}", f"size={args.size}",
-            f"trainer.train_steps={args.steps}", f"optim.lr={args.lr}", "trainer.threads=1",
+            f"trainer.train_steps={args.steps}", *lr, "trainer.threads=1",
             "checkpoint.interval=0", f"hydra.run.dir={run_dir}", *args.overrides]
 
 
@@ -46,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--size", default="tiny")
-    parser.add_argument("--lr", type=float, default=3e-3,
-                        help="peak LR for both recipes (the published LRs are for 170B models "
-                             "and a 1728-sequence batch; a 1M model on 8 sequences needs more)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak LR for both recipes (default: the size preset's CPU-scale "
+                             "LR, 3e-3; the published LRs are for 170B models and a "
+                             "1,500-1,700-sequence batch)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = parser.parse_args(argv)
@@ -59,17 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     procs = {}
     for recipe, run_dir in runs.items():
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = (run_dir / "train.log").open("w")
+        log = (run_dir / "console.log").open("w")  # train.log is Hydra's (the same lines)
         print(f"training recipe={recipe} -> {run_dir} (log: {run_dir / 'train.log'})")
         procs[recipe] = subprocess.Popen(train_command(recipe, args, run_dir), stdout=log,
                                          stderr=subprocess.STDOUT, env=env)
     failed = [recipe for recipe, proc in procs.items() if proc.wait() != 0]
     if failed:
         for recipe in failed:
-            print((runs[recipe] / "train.log").read_text()[-3000:], file=sys.stderr)
+            print((runs[recipe] / "console.log").read_text()[-3000:], file=sys.stderr)
         print(f"demo failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print(f"\nboth recipes, {args.steps} steps at LR {args.lr:g}, size={args.size}, "
+    lr = "the preset's LR" if args.lr is None else f"LR {args.lr:g}"
+    print(f"\nboth recipes, {args.steps} steps at {lr}, size={args.size}, "
           f"in {time.time() - start:.0f} s\n")
     print(table(runs))
     return 0

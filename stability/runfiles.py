@@ -12,6 +12,7 @@ Layout of a run directory (see README "Outputs")::
     events.jsonl                 one JSON object per detector event
     summary.json                 how the run ended (written at the end, atomically)
     run.lock                     held by the process that trains in the directory
+    wandb_run.json               the W&B run's id, name, group, job type (fixed at its start)
     checkpoints/step_<step>/     see stability.checkpoint
 
 JSON lines: NaN and Infinity are written as Python's json writes them. One policy for a line
@@ -39,6 +40,7 @@ METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 SUMMARY = "summary.json"
 LOCK = "run.lock"
+WANDB_RUN = "wandb_run.json"
 CHECKPOINTS = "checkpoints"
 
 FINISHED = ("completed", "diverged", "stopped")
@@ -74,6 +76,10 @@ class RunFiles:
     @property
     def checkpoints(self) -> Path:
         return self.root / CHECKPOINTS
+
+    @property
+    def wandb_run(self) -> Path:
+        return self.root / WANDB_RUN
 
     def config_before_resume(self, step: int) -> Path:
         """Where config.yaml goes when a resume at ``step`` changes the config."""

@@ -1,11 +1,18 @@
-"""A one-line progress report: step, loss, LR, tokens/s, ETA."""
+"""A one-line progress report: step, loss, LR, tokens/s, ETA, through :mod:`logging`.
+
+The lines go to the ``stability.progress`` logger at INFO: under Hydra to the console (plain,
+see ``stability/conf/hydra/job_logging/stability.yaml``) and to the run directory's
+``train.log`` (with time stamps).
+"""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 from stability.callbacks import Callback, Control, Flush, StepState
+
+log = logging.getLogger("stability.progress")
 
 
 def _duration(seconds: float) -> str:
@@ -16,14 +23,15 @@ def _duration(seconds: float) -> str:
 
 
 class ConsoleProgress(Callback):
-    """Prints one line per flush, at most every ``min_seconds`` (and always the last step)."""
+    """Logs one line per flush, at most every ``min_seconds`` (and always the last step)."""
 
     name = "console"
 
-    def __init__(self, total_steps: int, min_seconds: float = 2.0, stream=sys.stdout) -> None:
+    def __init__(self, total_steps: int, min_seconds: float = 2.0,
+                 logger: logging.Logger = log) -> None:
         self.total_steps = total_steps
         self.min_seconds = min_seconds
-        self.stream = stream
+        self.logger = logger
         self._last_print = 0.0
 
     def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
@@ -36,9 +44,7 @@ class ConsoleProgress(Callback):
         mean_step = row.get("time", 0.0) / max(row["step"], 1)  # mean over the run: steadier
         eta = (self.total_steps - row["step"]) * mean_step
         mfu = f" | mfu {row['mfu']:.1%}" if "mfu" in row else ""
-        print(
-            f"step {row['step']:>6d}/{self.total_steps} | loss {row['loss']:.4f} | "
-            f"grad {row['grad_norm']:.3g} | lr {row['lr']:.3g} | {tps:,.0f} tok/s{mfu} | "
-            f"eta {_duration(eta)}",
-            file=self.stream, flush=True,
-        )
+        self.logger.info(
+            "step %6d/%d | loss %.4f | grad %.3g | lr %.3g | %s tok/s%s | eta %s", row["step"],
+            self.total_steps, row["loss"], row["grad_norm"], row["lr"], f"{tps:,.0f}", mfu,
+            _duration(eta))

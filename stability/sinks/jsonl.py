@@ -11,12 +11,14 @@ cutting go through ``stability.runfiles`` (one torn-line policy for every reader
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Any, TextIO
 
 from stability.callbacks import Callback, Control, Flush, StepState
 from stability.runfiles import RunFiles, append_jsonl, keep_lines, truncate_jsonl
+
+events_log = logging.getLogger("stability.events")
 
 
 class _Appender(Callback):
@@ -59,14 +61,15 @@ class MetricsWriter(_Appender):
 
 
 class EventsWriter(_Appender):
-    """events.jsonl: every detector event with its action, and one line on stderr each."""
+    """events.jsonl: every detector event with its action, and one log line each (the
+    ``stability.events`` logger: WARNING, ERROR for an error event)."""
 
     name = "events_file"
     restore_on_rollback = False  # a rollback keeps the record of why it happened
 
-    def __init__(self, run_dir: Path, stream: TextIO | None = None) -> None:
+    def __init__(self, run_dir: Path, logger: logging.Logger = events_log) -> None:
         super().__init__(RunFiles(Path(run_dir)).events)
-        self.stream = stream
+        self.logger = logger
         self.lines = 0
         """Lines written so far (a checkpoint keeps the count: a resume cuts back to it)."""
 
@@ -77,11 +80,10 @@ class EventsWriter(_Appender):
     def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
         self._append(flush.events)
         self.lines += len(flush.events)
-        stream = self.stream or sys.stderr
         for e in flush.events:
-            print(f"[{e['severity']}] step {e['step']} {e['detector']}: {e['metric']}="
-                  f"{e['value']:.4g} (threshold {e['threshold']:.4g}) -> {e['action']}",
-                  file=stream, flush=True)
+            level = logging.ERROR if e["severity"] == "error" else logging.WARNING
+            self.logger.log(level, "step %d %s: %s=%.4g (threshold %.4g) -> %s", e["step"],
+                            e["detector"], e["metric"], e["value"], e["threshold"], e["action"])
 
     def state_dict(self) -> dict:
         return {"lines": self.lines}

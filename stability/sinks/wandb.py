@@ -5,8 +5,9 @@ optimised), ``spike/*`` (statistics the detectors watch), ``perf/*`` (throughput
 Every row is logged with our ``step`` as W&B's step metric, so a chart's x axis is the training
 step even across resumes. Detector events add ``spike/events`` (their running count),
 ``spike/marker/<metric>`` (the metric's value at each event step, to overlay on its curve) and the
-``spike/events_table`` table (all events so far, logged at the first event, then at most every
-``table_interval_steps`` while new events arrive, and at close).
+``spike/events_table`` table: one incremental W&B table (``log_mode="INCREMENTAL"``), each log
+uploading only the events since the previous one: at the first event, then at most every
+``table_interval_steps`` while new events arrive, and at close.
 
 Alerts: the events of one step form an incident, and an incident sends at most one ``run.alert``
 (title under 64 characters, WARN or ERROR). Events whose action is ``log`` (the policy said "only
@@ -16,8 +17,13 @@ log") never alert. The client throttles: at most one alert per (detector, metric
 Each flush is logged step by step: a step's metrics row together with the markers of the events
 found in it, so events never reach W&B before the row they came from.
 
-The run starts in ``on_restore("resume")``, after a checkpoint (if any) gave back the W&B run id,
-so a resumed or requeued run continues the same W&B run. An in-process rollback does not rewind
+The W&B run (:meth:`WandbSink.identity`): its id is drawn at the first start and kept, with its
+name, group and job type, in ``<run_dir>/wandb_run.json`` before ``wandb.init``, so a resumed or
+requeued run continues the same W&B run, also after a crash before the first checkpoint. Name,
+group, job type, project, entity and mode are the config's (``logger.wandb.*``), else W&B's
+environment variables (``WANDB_NAME``, ``WANDB_RUN_GROUP``, ...), else what the launch says
+(:class:`~stability.sinks.config.RunLabels`: the overrides as the name, the study or sweep as
+the group); tags always include the recipe and size. An in-process rollback does not rewind
 the sink (``restore_on_rollback = False``): W&B has already seen what came after the checkpoint.
 Built on rank 0 only.
 ``logger.wandb.mode=offline`` writes ``<run_dir>/wandb/offline-run-*/`` for
@@ -26,6 +32,7 @@ Built on rank 0 only.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import string
@@ -35,7 +42,8 @@ from typing import Any
 import wandb
 
 from stability.callbacks import Callback, Control, Flush, StepState
-from stability.sinks.config import WandbConfig
+from stability.runfiles import RunFiles, write_json
+from stability.sinks.config import RunLabels, WandbConfig
 
 TRAIN_KEYS = frozenset({"loss", "grad_norm", "lr", "tokens", "z_loss", "eval_loss"})
 """What is optimised and how: ``train/<key>``."""
@@ -58,7 +66,7 @@ EVENTS_KEY = "spike/events"
 """Running count of detector events."""
 
 TABLE_KEY = "spike/events_table"
-"""The W&B table of all events so far."""
+"""The W&B table of the events (incremental: each log adds the new rows)."""
 
 MARKER_PREFIX = "spike/marker/"
 """``spike/marker/<metric>``: the metric's value at each event step (sparse; spike markers)."""
@@ -68,7 +76,8 @@ TABLE_COLUMNS = ("step", "detector", "metric", "value", "threshold", "score", "s
 """Columns of the events table: the fields of an events.jsonl row."""
 
 MAX_TABLE_ROWS = 10_000
-"""Events kept for the table (the latest ones); events.jsonl keeps them all."""
+"""Events kept in the sink's checkpointed state, to start the table again after a resume (the
+latest ones); events.jsonl keeps them all."""
 
 ALERT_WAIT_SECONDS = 60
 """``wait_duration`` of every alert: W&B's server-side per-title throttle (60 s is its minimum).
@@ -131,18 +140,23 @@ class WandbSink(Callback):
         cfg: ``logger.wandb``.
         run_dir: The run directory (W&B's local files go to ``<run_dir>/wandb``).
         config: The run's resolved config, as W&B's run config.
+        labels: The launch's name and group for the run (``stability.train``).
     """
 
     name = "wandb"
     restore_on_rollback = False
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any],
+                 labels: RunLabels | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.config = config
+        self.labels = labels or RunLabels()
         self.run: Any = None  # wandb.Run once started
         self.run_id: str | None = None
         self.events: list[dict[str, Any]] = []
+        self.table: Any = None  # the incremental wandb.Table of this process, once logged
+        self.pending: list[dict[str, Any]] = []  # events not yet added to it
         self.event_count = 0
         self.last_alert: dict[str, int] = {}  # "detector|metric" -> step of its last alert
         self.alerts_sent = 0
@@ -156,16 +170,42 @@ class WandbSink(Callback):
             self._start()
 
     def _start(self) -> None:
-        """``wandb.init`` once, continuing the checkpoint's W&B run if there is one."""
+        """``wandb.init`` once, continuing this run directory's W&B run if there is one."""
         if self.run is not None:
             return
-        self.run_id = self.run_id or new_run_id()
+        identity = self.identity()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(RunFiles(self.run_dir).wandb_run, identity)  # before W&B can fail
+        self.run_id = identity["id"]
         self.run = wandb.init(
-            mode=self.cfg.mode, project=self.cfg.project, entity=self.cfg.entity,
-            name=self.cfg.name or self.run_dir.resolve().name, tags=list(self.cfg.tags),
-            dir=str(self.run_dir), config=self.config, id=self.run_id, resume="allow")
+            mode=self.cfg.resolved_mode(), project=self.cfg.resolved("project"),
+            entity=self.cfg.resolved("entity"), name=identity["name"], group=identity["group"],
+            job_type=identity["job_type"], tags=self.tags(), dir=str(self.run_dir),
+            config=self.config, id=self.run_id, resume="allow")
         self.run.define_metric(STEP_KEY, hidden=True)
         self.run.define_metric("*", step_metric=STEP_KEY)
+
+    def identity(self) -> dict[str, Any]:
+        """The W&B run's ``id``, ``name``, ``group`` and ``job_type``.
+
+        The id is the one in ``wandb_run.json`` (written at the run's first start), else the
+        checkpoint's (run directories from before that file), else a new one. The others are
+        the config's or W&B's environment variable's when set, else the stored ones (a resume
+        keeps what the run started with), else the launch's labels (the run directory's name
+        when there are none) and job type ``train``.
+        """
+        stored = _read_json(RunFiles(self.run_dir).wandb_run)
+        out = {"id": stored.get("id") or self.run_id or new_run_id()}
+        launch = {"name": self.labels.name or self.run_dir.resolve().name,
+                  "group": self.labels.group, "job_type": self.cfg.resolved("job_type")}
+        for key, fallback in launch.items():
+            out[key] = self.cfg.resolved(key, default=False) or stored.get(key) or fallback
+        return out
+
+    def tags(self) -> list[str]:
+        """``logger.wandb.tags`` and the recipe and size names, each once."""
+        extra = [str(self.config[k]) for k in ("recipe", "size") if self.config.get(k)]
+        return list(dict.fromkeys([*self.cfg.tags, *extra]))
 
     def on_metrics(self, state: StepState, flush: Flush, control: Control) -> None:
         self._start()  # no-op once started (on_restore starts it in the loop)
@@ -179,7 +219,9 @@ class WandbSink(Callback):
             data[EVENTS_KEY] = self.event_count
             self.run.log(data)
             if incident:
-                self.events.extend(self._row(e) for e in incident)
+                rows = [self._row(e) for e in incident]
+                self.events.extend(rows)
+                self.pending.extend(rows)
                 self._alert(row["step"], incident)
         del self.events[:-MAX_TABLE_ROWS]
         if flush.events:
@@ -223,6 +265,7 @@ class WandbSink(Callback):
         self.alerts_suppressed = state.get("alerts_suppressed", 0)
         self.table_step = state.get("table_step")
         self.table_rows = state.get("table_rows", 0)
+        self.pending = []  # the restored events start this process's table (_log_table)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -235,9 +278,18 @@ class WandbSink(Callback):
         return row
 
     def _log_table(self, step: int) -> None:
-        table = wandb.Table(columns=list(TABLE_COLUMNS),
-                            data=[[row[c] for c in TABLE_COLUMNS] for row in self.events])
-        self.run.log({STEP_KEY: step, TABLE_KEY: table})
+        """Log the events table's new rows. The table is incremental: each log uploads only the
+        rows added since the last one. A resumed process starts a new table, whose first log
+        carries every event the checkpoint kept."""
+        if self.table is None:
+            self.table = wandb.Table(columns=list(TABLE_COLUMNS), log_mode="INCREMENTAL")
+            new = self.events
+        else:
+            new = self.pending
+        for row in new:
+            self.table.add_data(*(row[c] for c in TABLE_COLUMNS))
+        self.pending = []
+        self.run.log({STEP_KEY: step, TABLE_KEY: self.table})
         self.table_step = step
         self.table_rows = self.event_count
 
@@ -294,6 +346,15 @@ class WandbSink(Callback):
             lines.append(f"alert limit reached ({self.cfg.max_alerts}); later events only go to "
                          f"the {TABLE_KEY} table and events.jsonl")
         return "\n".join(lines)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or {} when it is missing or unreadable."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def new_run_id() -> str:

@@ -7,8 +7,17 @@ import re
 
 import pytest
 import wandb_workspaces.reports.v2 as wr
+import wandb_workspaces.workspaces as ws
 
-from stability.dashboard import SECTIONS, build_workspace, describe, main, panel_keys, view_spec
+from stability.dashboard import (
+    SECTIONS,
+    build_workspace,
+    describe,
+    main,
+    panel_keys,
+    save,
+    view_spec,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # from wandb-workspaces
 
@@ -74,3 +83,28 @@ def test_save_without_a_key_fails_clearly(capsys, tmp_path, monkeypatch):
     assert main(["--entity", "e", "--project", "p", "--save"]) == 1
     err = capsys.readouterr().err
     assert "could not save the workspace to e/p" in err and "API key" in err
+
+
+def test_save_updates_the_view_of_the_same_name(monkeypatch):
+    """A second --save replaces the dashboard: the view whose display name matches is updated
+    (its id and internal name go to W&B's upsert), and only a new name makes a new view."""
+    views = [{"id": "VmlldzoxMjM=", "name": "nw-abc-v", "displayName": "Spike dashboard"},
+             {"id": "VmlldzoxMjQ=", "name": "nw-def-v", "displayName": "Other"}]
+    queries = []
+
+    def execute(query, variables):
+        queries.append(variables)
+        return {"project": {"allViews": {"edges": [{"node": v} for v in views]}}}
+
+    saved = []
+    monkeypatch.setattr(ws.Workspace, "save",
+                        lambda self: saved.append((self._internal_id, self._internal_name)))
+    assert save(build_workspace("e", "p"), execute) == "updated"
+    assert save(build_workspace("e", "p", name="New one"), execute) == "created"
+    assert saved == [("VmlldzoxMjM=", "nw-abc-v"), ("", "")]
+    assert queries == [{"entityName": "e", "name": "p"}] * 2
+    model = build_workspace("e", "p")
+    model._internal_id, model._internal_name = "VmlldzoxMjM=", "nw-abc-v"
+    view = model._to_model()  # what W&B's upsert receives: the existing view's id and name
+    assert (view.id, view.name, view.display_name) == ("VmlldzoxMjM=", "nw-abc-v",
+                                                       "Spike dashboard")

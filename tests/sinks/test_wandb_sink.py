@@ -11,7 +11,7 @@ import wandb_records as wr
 
 from stability.callbacks import Control, Flush
 from stability.errors import ConfigError
-from stability.sinks.config import WandbConfig
+from stability.sinks.config import WANDB_ENV, RunLabels, WandbConfig
 from stability.sinks.wandb import (
     EVENTS_KEY,
     TABLE_COLUMNS,
@@ -143,13 +143,15 @@ def test_events_table_markers_and_summary(offline_run):
     assert math.isnan(markers[7]["spike/marker/loss"])
     assert markers[7]["spike/marker/grad_norm"] == math.inf
 
-    tables = [json.loads(p.read_text(), parse_constant=float) for p in
-              (offline_run["dir"] / "files" / "media" / "table").rglob("*.table.json")]
-    assert len(tables) == 2  # at the first event, then at close (new events since)
-    last = max(tables, key=lambda t: len(t["data"]))
-    assert last["columns"] == list(TABLE_COLUMNS)
-    assert [r[0] for r in last["data"]] == [3, 4, 5, 6, 7, 7, 60]
-    assert [r[6] for r in last["data"]].count("error") == 2
+    # An incremental table: each log uploads only the events since the previous one.
+    increments = table_increments(offline_run["dir"])
+    assert [[r[0] for r in t["data"]] for t in increments] == [[3], [4, 5, 6, 7, 7, 60]]
+    assert all(t["columns"] == list(TABLE_COLUMNS) for t in increments)
+    assert [r[6] for t in increments for r in t["data"]].count("error") == 2
+    logged = [h[TABLE_KEY] for h in history if TABLE_KEY in h]
+    assert [(t["_type"], t["increment_num"], t["nrows"]) for t in logged] == [
+        ("incremental-table-file", 0, 1), ("incremental-table-file", 1, 7)]
+    assert logged[1]["previous_increments_paths"] == [logged[0]["artifact_path"]]
 
     summary = wr.summary(offline_run["records"])
     assert summary["status"] == "completed" and summary["final_loss"] == 4.0
@@ -158,11 +160,22 @@ def test_events_table_markers_and_summary(offline_run):
     assert summary[TABLE_KEY]["nrows"] == 7
 
 
+def table_increments(wandb_run_dir) -> list[dict]:
+    """The events table files of one W&B run segment, in the order they were logged."""
+    paths = (wandb_run_dir / "files" / "media" / "table").rglob("*.table.json")
+    step = {p: int(p.name.split("_")[-2]) for p in paths}  # events_table_<seq>_<hash>.table.json
+    return [json.loads(p.read_text(), parse_constant=float) for p in sorted(step, key=step.get)]
+
+
 def test_run_config_name_and_id(offline_run, tiny_config):
     run = wr.run_info(offline_run["records"])
     assert run.run_id == offline_run["sink"].run_id
     assert run.display_name == "llama2-tiny" and run.project == "stability-test"
-    assert list(run.tags) == ["test"]
+    assert list(run.tags) == ["test", "llama2", "tiny"]  # the config's, then recipe and size
+    assert run.job_type == "train" and run.run_group == ""
+    stored = json.loads((offline_run["run_dir"] / "wandb_run.json").read_text())
+    assert stored == {"id": run.run_id, "name": "llama2-tiny", "group": None,
+                      "job_type": "train"}
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     config.pop("_wandb", None)
     assert config == json.loads(json.dumps(dataclasses.asdict(tiny_config)))  # the whole config
@@ -174,6 +187,12 @@ def test_resume_continues_the_same_run(offline_run):
     assert [h["step"] for h in wr.history(offline_run["second"]) if "train/loss" in h] == [61, 62]
     resumed = offline_run["resumed"]
     assert resumed.event_count == 7 and resumed.alerts_sent == 3 and len(resumed.events) == 7
+    # The checkpoint was taken before the table's last log: the resumed process starts its own
+    # incremental table, with every event the checkpoint kept.
+    second = sorted(p for p in (offline_run["run_dir"] / "wandb").glob("offline-run-*")
+                    if p != offline_run["dir"])
+    assert [[r[0] for r in t["data"]] for t in table_increments(second[0])] == [
+        [3, 4, 5, 6, 7, 7, 60]]
 
 
 # ---------------------------------------------------------------------- without W&B
@@ -231,15 +250,35 @@ def test_log_action_never_alerts(tmp_path, make_state):
     assert run.alerts == [] and sink.alerts_suppressed == 0 and sink.event_count == 2
 
 
-def test_table_is_relogged_at_most_every_interval(tmp_path, make_state, monkeypatch):
-    monkeypatch.setattr("stability.sinks.wandb.wandb.Table",
-                        lambda columns, data: ("table", len(data)))
+class FakeTable:
+    """wandb.Table in incremental mode as the sink uses it: rows are added to one table, and
+    each log of it uploads the rows added since the previous log."""
+
+    def __init__(self, columns, log_mode) -> None:
+        assert log_mode == "INCREMENTAL"
+        self.rows: list[tuple] = []
+
+    def add_data(self, *row) -> None:
+        self.rows.append(row)
+
+
+def test_table_logs_its_new_rows_at_most_every_interval(tmp_path, make_state, monkeypatch):
+    monkeypatch.setattr("stability.sinks.wandb.wandb.Table", FakeTable)
     sink, run, state = fake_sink(tmp_path, make_state, table_interval_steps=20,
                                  alert_min_interval_steps=0)
+    uploaded = []  # (step, rows uploaded by this log of the table)
+
+    def log(data: dict) -> None:
+        if TABLE_KEY in data:
+            done = sum(len(rows) for _, rows in uploaded)
+            uploaded.append((data["step"], [r[0] for r in data[TABLE_KEY].rows[done:]]))
+        run.logged.append(data)
+
+    run.log = log
     for step in (1, 5, 21, 30, 41):
         events(sink, state, [event(step)])
-    tables = [(d["step"], d[TABLE_KEY]) for d in run.logged if TABLE_KEY in d]
-    assert tables == [(1, ("table", 1)), (21, ("table", 3)), (41, ("table", 5))]
+    assert uploaded == [(1, [1]), (21, [5, 21]), (41, [30, 41])]
+    assert len({id(d[TABLE_KEY]) for d in run.logged if TABLE_KEY in d}) == 1  # one table
 
 
 def test_rollback_does_not_rewind_a_live_run():
@@ -283,6 +322,111 @@ def test_alert_titles_stay_under_64_characters():
         "attn_logit_max rising at step 40"
     long = alert_title(event(1, metric="attn_logit_max/" + "x" * 80), 12345678)
     assert len(long) < 64 and long.endswith("... spike at step 12345678")
+
+
+# ---------------------------------------------------------------------- the run's identity
+class FakeInit:
+    """``wandb.init`` without W&B: records its arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, **kwargs) -> FakeRun:
+        self.calls.append(kwargs)
+        run = FakeRun()
+        run.define_metric = lambda *args, **kw: None
+        return run
+
+
+@pytest.fixture
+def fake_init(monkeypatch):
+    for var in WANDB_ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    init = FakeInit()
+    monkeypatch.setattr("stability.sinks.wandb.wandb.init", init)
+    return init
+
+
+CONFIG = {"recipe": "gpt", "size": "tiny"}
+LABELS = RunLabels(name="gpt-tiny/optim.lr=0.01,trainer.seed=1", group="qk_norm")
+
+
+def test_init_gets_the_launch_names_and_the_standard_environment(tmp_path, make_state,
+                                                                 fake_init, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    WandbSink(WandbConfig(tags=["mine", "gpt"]), tmp_path, CONFIG, LABELS).on_restore(
+        make_state(), "resume")
+    call = fake_init.calls[0]
+    assert {k: call[k] for k in ("mode", "project", "entity", "name", "group", "job_type",
+                                 "tags")} == {
+        "mode": "online", "project": "env-project", "entity": "env-team",
+        "name": "gpt-tiny/optim.lr=0.01,trainer.seed=1", "group": "qk_norm",
+        "job_type": "train", "tags": ["mine", "gpt", "tiny"]}
+
+
+def test_the_config_wins_over_the_environment_and_the_launch(tmp_path, make_state, fake_init,
+                                                             monkeypatch):
+    for key, var in WANDB_ENV.items():
+        monkeypatch.setenv(var, "online" if key == "mode" else f"env-{key}")
+    cfg = WandbConfig(mode="offline", project="p", entity="e", name="n", group="g",
+                      job_type="eval")
+    WandbSink(cfg, tmp_path, CONFIG, LABELS).on_restore(make_state(), "resume")
+    call = fake_init.calls[0]
+    assert [call[k] for k in WANDB_ENV] == ["offline", "p", "e", "n", "g", "eval"]
+    # unset in the config: W&B's variables win over the launch's labels and our defaults
+    WandbSink(WandbConfig(), tmp_path / "other", CONFIG, LABELS).on_restore(make_state(),
+                                                                           "resume")
+    call = fake_init.calls[1]
+    assert [call[k] for k in WANDB_ENV] == ["online", "env-project", "env-entity", "env-name",
+                                            "env-group", "env-job_type"]
+
+
+def test_nothing_set_anywhere_gives_our_defaults(tmp_path, fake_init):
+    assert WandbConfig().resolved_mode(env={}) == "disabled"
+    assert WandbConfig().resolved("project", env={}) == "stability"
+    assert WandbConfig().resolved("entity", env={}) is None
+    assert WandbConfig().resolved_mode(env={"WANDB_MODE": "dryrun"}) == "offline"
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes'"):
+        WandbConfig().resolved_mode(env={"WANDB_MODE": "sometimes"})
+
+
+def test_a_restart_before_any_checkpoint_continues_the_same_wandb_run(tmp_path, make_state,
+                                                                       fake_init):
+    """The id is fixed at the first start in wandb_run.json: a process that crashed before its
+    first checkpoint (no sink state to load) is continued, with the name and group it had."""
+    WandbSink(WandbConfig(), tmp_path, CONFIG, LABELS).on_restore(make_state(), "resume")
+    stored = json.loads((tmp_path / "wandb_run.json").read_text())
+    again = WandbSink(WandbConfig(), tmp_path, CONFIG, RunLabels(name="rerun", group=None))
+    again.on_restore(make_state(), "resume")  # e.g. the same job rerun as a single run
+    first, second = fake_init.calls
+    assert second["id"] == first["id"] == stored["id"] and second["resume"] == "allow"
+    assert (second["name"], second["group"]) == (LABELS.name, LABELS.group)
+    renamed = WandbSink(WandbConfig(name="explicit"), tmp_path, CONFIG, LABELS)
+    renamed.on_restore(make_state(), "resume")  # a name given in the config is applied
+    assert fake_init.calls[2]["id"] == stored["id"] and fake_init.calls[2]["name"] == "explicit"
+
+
+def labels(task: list[str], mode: str = "RunMode.MULTIRUN", dirname: str = "optim.lr=0.01"):
+    """``labels_from_hydra`` of a GPT tiny job with these task overrides (no Hydra run)."""
+    from omegaconf import OmegaConf
+
+    from stability.config import Config
+    from stability.train import labels_from_hydra
+
+    hydra_cfg = OmegaConf.create({"overrides": {"task": task}, "mode": mode,
+                                  "sweep": {"dir": "runs/multirun/2026-12-01_10-00-00"},
+                                  "job": {"override_dirname": dirname}})
+    return labels_from_hydra(hydra_cfg, Config(recipe="gpt", size="tiny"))
+
+
+def test_labels_name_the_run_after_its_overrides_and_group_it_by_study():
+    assert labels(["+sweep=qk_norm", "optim.lr=0.01"]) == RunLabels(
+        "gpt-tiny/optim.lr=0.01", "qk_norm")
+    assert labels(["optim.lr=0.01"]) == RunLabels("gpt-tiny/optim.lr=0.01",
+                                                  "2026-12-01_10-00-00")
+    assert labels([], mode="RunMode.RUN", dirname="") == RunLabels("gpt-tiny", None)
 
 
 @pytest.mark.parametrize("field, value", [("alert_min_interval_steps", -1),

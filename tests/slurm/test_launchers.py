@@ -1,4 +1,5 @@
-"""Our Hydra launcher configs (conf/hydra/launcher/{slurm,local}.yaml) run a 2-job multirun.
+"""Our Hydra launcher configs (stability/conf/hydra/launcher/{slurm,local}.yaml) run a 2-job
+multirun.
 
 The app is a throwaway one in a temp config dir holding copies of the launcher files, so these
 tests check the launchers alone, without the training code."""
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-LAUNCHERS = Path(__file__).resolve().parents[2] / "conf" / "hydra" / "launcher"
+from stability.config import CONF_DIR
+
+LAUNCHERS = CONF_DIR / "hydra" / "launcher"
 
 APP = """
 import json, os, sys, time

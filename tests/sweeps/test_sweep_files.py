@@ -1,23 +1,21 @@
-"""Every named study in sweeps/ composes: `+sweep=NAME` is found through conf/sweep, and every
-job of its multirun (the basic sweeper's grid, or an Optuna search space at its bounds) gives a
-valid config. No training: Hydra's compose API and `validate` only."""
+"""Every named study in stability/conf/sweep/ composes: `+sweep=NAME` is found in the package's
+config tree, and every job of its multirun (the basic sweeper's grid, or an Optuna search space
+at its bounds) gives a valid config. No training: Hydra's compose API and `validate` only."""
 
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from stability.config import CONF_DIR, Config, register_configs, validate
 
-SWEEPS = REPO / "sweeps"
+SWEEPS = CONF_DIR / "sweep"
 STUDIES = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
 VARIANTS = sorted(p.stem for p in (SWEEPS / "ablation").glob("*.yaml"))
 # The figures of issue "Explain" and the studies the issue "Sweep" asks for.
@@ -69,8 +67,7 @@ def jobs(node) -> list[list[str]]:
 
 def test_the_required_studies_exist():
     assert REQUIRED <= set(STUDIES), REQUIRED - set(STUDIES)
-    assert (REPO / "conf" / "sweep").is_symlink()
-    assert os.readlink(REPO / "conf" / "sweep") == "../sweeps"  # relative: any checkout
+    assert not SWEEPS.is_symlink()  # real files: they go into the wheel
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -132,18 +129,18 @@ def _flatten(node, prefix=""):
 
 
 COMPOSE_ELSEWHERE = """
-from hydra import compose, initialize_config_dir
-from stability.config import CONF_DIR, register_configs
+from hydra import compose, initialize_config_module
+from stability.config import CONF_MODULE, register_configs
 register_configs()
-with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+with initialize_config_module(CONF_MODULE, version_base="1.3"):
     node = compose("config", overrides=["+sweep=lr_search"], return_hydra_config=True)
 print(node.hydra.sweeper._target_, node.hydra.sweeper.params["optim.lr"])
 """
 
 
 def test_plus_sweep_and_the_optuna_plugin_work_from_any_directory(tmp_path):
-    """conf/ is found from the installed package and the symlink from conf/; Hydra finds the
-    sweeper plugin in the editable install's hydra_plugins namespace (not through the cwd)."""
+    """The config tree and its sweeps are found in the package (pkg://stability.conf); Hydra
+    finds the sweeper plugin in the installed hydra_plugins namespace (not through the cwd)."""
     proc = subprocess.run([sys.executable, "-c", COMPOSE_ELSEWHERE], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -4,7 +4,6 @@ needed)."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 from pathlib import Path
@@ -233,7 +232,7 @@ def test_a_resume_keeps_the_events_written_before_its_checkpoint(tmp_path):
                 "threshold": 5.0, "score": 7.0, "severity": "warn", "kind": "spike",
                 "action": "rollback"}
 
-    writer = EventsWriter(tmp_path, stream=io.StringIO())
+    writer = EventsWriter(tmp_path)
     writer.on_restore(state(step=0), "resume")
     writer.on_metrics(state(step=31), Flush([{"step": 31}], [event(30), event(31)]), Control())
     writer.on_restore(state(step=24), "rollback")  # the file is a record: not cut
@@ -241,7 +240,7 @@ def test_a_resume_keeps_the_events_written_before_its_checkpoint(tmp_path):
     writer.on_metrics(state(step=35), Flush([{"step": 35}], [event(35)]), Control())
     writer.on_close(state(), {})
 
-    resumed = EventsWriter(tmp_path, stream=io.StringIO())
+    resumed = EventsWriter(tmp_path)
     resumed.load_state_dict(checkpoint)
     resumed.on_restore(state(step=28), "resume")
     resumed.on_close(state(), {})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import logging
 
 import pytest
 from helpers import build_model_for, make_config, make_trainer
@@ -36,12 +36,12 @@ def test_gpu_peaks_by_name():
     assert gpu_peak_flops("Some Future GPU") is None
 
 
-def test_rows_summary_and_console_report_mfu(tmp_path, single_process):
+def test_rows_summary_and_console_report_mfu(tmp_path, single_process, caplog):
     cfg = make_config("trainer.train_steps=4", "trainer.log_interval=2", "checkpoint.interval=0",
                       "checkpoint.save_final=false")
-    console = io.StringIO()
+    caplog.set_level(logging.INFO, logger="stability.progress")
     trainer = make_trainer(cfg, tmp_path, [MetricsWriter(tmp_path),
-                                           ConsoleProgress(4, min_seconds=0, stream=console)],
+                                           ConsoleProgress(4, min_seconds=0)],
                            single_process)
     summary = trainer.fit()
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -52,4 +52,5 @@ def test_rows_summary_and_console_report_mfu(tmp_path, single_process):
             row["tokens_per_s"] * trainer.throughput.flops_per_token)
     assert rows[0]["mfu"] == rows[1]["mfu"]  # one logging interval, one rate
     assert 0 < summary["mfu"] < 1 and summary["tokens_per_s"] > 0
-    assert "mfu" in console.getvalue()
+    progress = [r.getMessage() for r in caplog.records if r.name == "stability.progress"]
+    assert len(progress) == 2 and all("mfu" in line for line in progress)  # a line per flush

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, make_config
 
 from stability.checkpoint import complete_checkpoints
 from stability.runfiles import read_jsonl
@@ -36,38 +36,71 @@ def metrics(run_dir: Path) -> list[dict]:
 
 RECIPE_VALUES = {
     "gpt": {"model.norm_type": "layernorm", "model.scaled_embedding": False,
-            "loss.z_loss": 0.0, "optim.lr": 6e-5, "optim.min_lr": 1e-6, "optim.eps": 1e-8,
+            "loss.z_loss": 0.0, "optim.min_lr": 1e-6, "optim.eps": 1e-8,
             "model.init_std": 0.005, "model.position_embedding": "learned",
             "model.activation": "gelu", "model.bias": True},
     "llama2": {"model.norm_type": "rmsnorm", "model.scaled_embedding": True,
-               "loss.z_loss": 1e-4, "optim.lr": 1e-4, "optim.min_lr": 1e-5, "optim.eps": 1e-5,
+               "loss.z_loss": 1e-4, "optim.min_lr": 1e-5, "optim.eps": 1e-5,
                "model.init_std": 0.02, "model.position_embedding": "rope",
                "model.activation": "swiglu", "model.bias": False},
 }
+PUBLISHED_LR = {"gpt": 6e-5, "llama2": 1e-4}
+CPU_LR = 3e-3  # the tiny preset's: the published LRs barely move a 1M model's loss
 
 
-@pytest.mark.parametrize("recipe", ["gpt", "llama2"])
-def test_train_writes_the_contract_files(tmp_path, recipe):
-    run_dir = tmp_path / recipe
-    proc = run_ok(run_dir, f"recipe={recipe}", "size=tiny", "trainer.train_steps=40")
-    assert "step     40/40" in proc.stdout  # the console progress line
+def check_contract(run_dir: Path, recipe: str, steps: int) -> list[dict]:
+    """config.yaml (the recipe's values, CPU-scale LR and warmup), metrics.jsonl, summary.json,
+    a checkpoint; the rows."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["recipe"] == recipe and config["size"] == "tiny"
     for dotted, expected in RECIPE_VALUES[recipe].items():
         section, key = dotted.split(".")
         assert config[section][key] == expected, dotted
-    assert config["optim"]["warmup_steps"] == 4  # 10% of the run at CPU scale
+    assert config["optim"]["lr"] == CPU_LR
+    assert config["optim"]["warmup_steps"] == round(steps / 10)  # 10% of the run at CPU scale
 
     rows = metrics(run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
     for key in ("step", "loss", "grad_norm", "lr", "tokens", "time"):
         assert all(key in r for r in rows), key
-    assert rows[-1]["tokens"] == 40 * 8 * 128
-    assert rows[3]["lr"] == pytest.approx(config["optim"]["lr"])  # warmup peak at step 4
+    assert rows[-1]["tokens"] == steps * 8 * 128
+    warmup = config["optim"]["warmup_steps"]
+    assert rows[warmup - 1]["lr"] == pytest.approx(CPU_LR)  # the warmup's peak
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert summary["status"] == "completed" and summary["steps"] == steps
     assert summary["final_loss"] == pytest.approx(rows[-1]["loss"])
     assert complete_checkpoints(run_dir / "checkpoints")
+    return rows
+
+
+def test_train_writes_the_contract_files(tmp_path):
+    run_dir = tmp_path / "gpt"
+    proc = run_ok(run_dir, "recipe=gpt", "size=tiny", "trainer.train_steps=40")
+    assert "step     40/40" in proc.stdout  # the console progress line
+    check_contract(run_dir, "gpt", 40)
+
+
+def test_the_default_command_learns(tmp_path):
+    """``python -m stability.train`` (Llama2 recipe, tiny, 200 steps): the loss falls by more
+    than a nat (at the published LR 1e-4 it fell 9.02 -> 8.80), and the start banner and the
+    end line are in train.log."""
+    run_dir = tmp_path / "default"
+    proc = run_ok(run_dir)
+    rows = check_contract(run_dir, "llama2", 200)
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-10:]) / 10
+    assert first - last > 1.0, (first, last)
+    log = (run_dir / "train.log").read_text()
+    for part in ("recipe=llama2 size=tiny, 200 steps", "parameters (2 layers, d=64",
+                 "device: cpu fp32, attention backend", "start: fresh start at step 0",
+                 "step    200/200 | loss", "completed at step 200/200: final loss"):
+        assert part in log and part in proc.stdout, part
+
+
+@pytest.mark.parametrize("recipe", ["gpt", "llama2"])
+def test_the_recipes_hold_the_published_lr_and_cpu_sizes_their_own(recipe):
+    assert make_config(f"recipe={recipe}", "size=125m").optim.lr == PUBLISHED_LR[recipe]
+    assert make_config(f"recipe={recipe}", "size=tiny").optim.lr == CPU_LR
+    assert make_config(f"recipe={recipe}", "size=small").optim.lr == 1e-3  # wider: lower
 
 
 def test_sigkill_and_rerun_gives_the_uninterrupted_losses(tmp_path):
