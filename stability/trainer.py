@@ -229,8 +229,7 @@ class Trainer:
             out = callback.on_loss(self.state, out)
         self._micro_stats.append(torch.stack([
             out.cross_entropy, out.z_loss, out.logsumexp_mean, out.logit_max_abs]).float())
-        scale = self.cfg.loss.scale
-        return (out.loss if scale == 1.0 else out.loss * scale), {}
+        return (out.loss if self.cfg.loss.scale == 1 else out.loss * self.cfg.loss.scale), {}
 
     def _call(self, hook: str, *args) -> None:
         for callback in self.callbacks:
