@@ -4,10 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from stability.errors import ConfigError, one_of, positive
 
 DATA_NAMES = ("sample", "indexed")
+SPLITS = ("train", "valid", "test")
+
+Blend = tuple[list[str], list[float] | None]
+"""megatron-core's blend: dataset prefixes and their weights (None: in proportion to size)."""
+
+
+def parse_blend(key: str, items: list[Any]) -> Blend:
+    """A megatron-style blend list as (prefixes, weights): ``[w1, prefix1, w2, prefix2, ...]``
+    (weights > 0, normalized by megatron) or ``[prefix1, prefix2, ...]`` (each dataset in
+    proportion to its size); ConfigError naming ``key`` otherwise."""
+    allowed = ("a list [w1, prefix1, w2, prefix2, ...] with weights > 0, or [prefix1, ...]")
+    if not isinstance(items, list | tuple) or not items:
+        raise ConfigError(key, items, allowed)
+    if all(isinstance(item, str) for item in items):
+        return [str(item) for item in items], None
+    pairs = list(zip(items[::2], items[1::2]))
+    if len(items) % 2 or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) and w > 0
+            and isinstance(p, str) for w, p in pairs):
+        raise ConfigError(key, items, allowed)
+    return [p for _, p in pairs], [float(w) for w, _ in pairs]
 
 
 @dataclass
@@ -21,9 +43,21 @@ class DataConfig:
     path: str | None = None
     """Prefix of the .bin/.idx pair (without extension) when `name` is "indexed"."""
 
+    blend: list[Any] | None = None
+    """Several .bin/.idx prefixes mixed, megatron-style, when `name` is "indexed" (instead of
+    `path`): [w1, prefix1, w2, prefix2, ...] draws each sample from dataset i with probability
+    w_i / sum(w) (through megatron-core's BlendedDataset); [prefix1, prefix2, ...] mixes them in
+    proportion to their sizes. `split` splits each dataset."""
+
+    blend_per_split: dict[str, list[Any]] | None = None
+    """A blend per split instead of `path`/`blend` and `split`: {train: [...], valid: [...],
+    test: [...]} (each like `blend`; train required, valid and test optional)."""
+
     tokenizer: str | None = None
-    """SentencePiece .model file; None uses the sample tokenizer shipped in
-    stability/data/sample/. Must be the tokenizer the indexed dataset was built with."""
+    """SentencePiece .model file, Hugging Face tokenizer.json, or a folder holding one
+    (tokenizer.json first); None uses the sample tokenizer shipped in stability/data/sample/
+    (with model.init_from=hf:DIR, DIR's tokenizer). Must be the tokenizer the indexed dataset
+    was built with."""
 
     seq_length: int = 128
     """Tokens per training sequence (each sample reads seq_length + 1 tokens: inputs and
@@ -44,9 +78,16 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ConfigError on the first bad value of this section (no file is read)."""
         one_of("data.name", self.name, DATA_NAMES)
-        if self.name == "indexed" and not self.path:
+        sources = [k for k in ("path", "blend", "blend_per_split") if getattr(self, k)]
+        if self.name == "indexed" and not sources:
             raise ConfigError("data.path", self.path,
-                              'a .bin/.idx prefix when data.name is "indexed"')
+                              'a .bin/.idx prefix (or data.blend) when data.name is "indexed"')
+        if len(sources) > 1:
+            raise ConfigError(f"data.{sources[1]}", getattr(self, sources[1]),
+                              f"null when data.{sources[0]} is set (one source of data)")
+        if self.name != "indexed" and (self.blend or self.blend_per_split):
+            raise ConfigError("data.name", self.name, '"indexed" with data.blend')
+        self.blends()
         positive("data.seq_length", self.seq_length)
         try:
             weights = [float(part) for part in self.split.split(",")]
@@ -57,15 +98,44 @@ class DataConfig:
                               'one to three weights >= 0 like "969,30,1", train > 0')
         positive("data.num_workers", self.num_workers, zero_ok=True)
 
+    def blends(self) -> tuple[Blend | None, list[Blend | None] | None]:
+        """(blend, blend_per_split) as megatron-core takes them: the single `path` or `blend`
+        for all splits, or one blend per split (None for a split without data); ConfigError
+        for a malformed one."""
+        if self.blend_per_split:
+            unknown = sorted(set(self.blend_per_split) - set(SPLITS))
+            if unknown or not self.blend_per_split.get("train"):
+                raise ConfigError("data.blend_per_split", self.blend_per_split,
+                                  "a mapping with train (and optionally valid, test) blends")
+            return None, [parse_blend(f"data.blend_per_split.{split}", self.blend_per_split[split])
+                          if self.blend_per_split.get(split) else None for split in SPLITS]
+        if self.blend:
+            return parse_blend("data.blend", self.blend), None
+        return ([self.path], None) if self.path else None, None
+
+    def prefixes(self) -> list[tuple[str, str]]:
+        """(key, prefix) of every .bin/.idx prefix this section names, in order."""
+        blend, per_split = self.blends()
+        if per_split is not None:
+            return [(f"data.blend_per_split.{split}", prefix)
+                    for split, b in zip(SPLITS, per_split) if b for prefix in b[0]]
+        if blend is None:
+            return []
+        return [("data.blend" if self.blend else "data.path", prefix) for prefix in blend[0]]
+
     def check_files(self) -> None:
-        """Raise ConfigError when the tokenizer or the dataset named here does not exist (a
+        """Raise ConfigError when the tokenizer or a dataset named here does not exist (a
         look at the file system only: nothing is read or built)."""
-        if self.tokenizer and not Path(self.tokenizer).expanduser().is_file():
-            raise ConfigError("data.tokenizer", self.tokenizer,
-                              "an existing SentencePiece .model file")
-        if self.name == "indexed":
-            prefix = Path(self.path).expanduser()
-            if not all(Path(f"{prefix}{ext}").is_file() for ext in (".bin", ".idx")):
-                raise ConfigError("data.path", self.path,
+        if self.tokenizer:
+            from stability.data.tokenizer import tokenizer_file
+
+            if not tokenizer_file(self.tokenizer).is_file():
+                raise ConfigError("data.tokenizer", self.tokenizer,
+                                  "an existing SentencePiece .model file, tokenizer.json, or a "
+                                  "folder holding one")
+        for key, prefix in self.prefixes():
+            path = Path(prefix).expanduser()
+            if not all(Path(f"{path}{ext}").is_file() for ext in (".bin", ".idx")):
+                raise ConfigError(key, prefix,
                                   "the prefix of an existing PREFIX.bin + PREFIX.idx pair "
                                   "(make one with python -m stability.data.preprocess)")
