@@ -64,9 +64,15 @@ class Trainer:
         self.data = build_train_data(
             cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, dp_rank=self.topology.dp_rank, dp_size=dp,
-            train_samples=t.train_steps * t.global_batch_size)
+            train_samples=t.train_steps * t.global_batch_size,
+            default_tokenizer=cfg.model.init_from_dir)
         vocab_size = self.data.tokenizer.vocab_size
         self.chunks = build_chunks(cfg, runtime, vocab_size, self.device)
+        if cfg.model.init_from:  # before the optimizer copies the weights (a resume reloads)
+            from stability.hf.load import load_hf_weights
+
+            load_hf_weights(self.chunks, cfg.model, tp_rank=self.topology.tp_rank,
+                            tp_size=p.tensor)
         self.model = self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
         params = [param for param in self.model.parameters() if param.requires_grad]
         self.engine = build_engine(self.model, self.chunks, params, cfg.optim, self.topology,
