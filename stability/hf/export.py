@@ -96,7 +96,7 @@ def check_tokenizer(tokenizer: Any, out: Path) -> None:
             break
         texts.append(document["text"][:300])
     for text in texts:
-        theirs = loaded(text, add_special_tokens=False)["input_ids"]
+        theirs = loaded(text, add_special_tokens=False, verbose=False)["input_ids"]
         if theirs != tokenizer.encode(text):
             raise RunError(f"the exported tokenizer encodes {text[:40]!r} differently from the "
                            f"run's tokenizer {tokenizer.model_path}; nothing written")

@@ -2,21 +2,20 @@
 
 transformers itself is the client: ``AutoModelForCausalLM`` and ``AutoTokenizer`` load the
 folder; its fp32 logits equal ours within 1e-4 (Llama2 recipe -> LlamaForCausalLM, GPT recipe
--> GPT2LMHeadModel, with their knobs' variants), its tokenizer encodes like ours. From TP=2 x
-PP=2 and PP=2 runs (torchrun on gloo) the reference is the run itself: the loss statistics it
-recorded at the step after the exported checkpoint, on the batch it trained on.
+-> GPT2LMHeadModel, with their knobs' variants), its tokenizer encodes like ours. From a PP=2
+run (torchrun on gloo; TP=2 x PP=2: test_init_from.py) the references are the run itself (the
+loss statistics it recorded at the step after the exported checkpoint, on the batch it trained
+on) and the same run in one process.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, batch_stats, hf_logits, our_logits
 from helpers import make_config, make_trainer
+from hf_models import SAMPLE_TEXT, check_against_run, hf_logits, our_logits
 from parity import train
 
-from stability.data import build_train_data
-from stability.data.loader import collate
 from stability.export import main as export_main
 from stability.hf.convert import Unsupported, architecture
 from stability.hf.export import export_hf, read_config
@@ -60,40 +59,20 @@ def test_exported_logits_equal_ours(tmp_path, single_process, overrides, hf_clas
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-def check_against_run(run_dir, out, step: int, rows: list[dict]) -> None:
-    """The exported checkpoint of ``step`` gives, on the batch of step + 1, the loss
-    statistics the run recorded for step + 1 (computed there from those weights)."""
-    cfg = read_config(run_dir / "config.yaml")
-    t = cfg.trainer
-    data = build_train_data(cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
-                            micro_batch_size=t.global_batch_size, dp_rank=0, dp_size=1,
-                            train_samples=t.train_steps * t.global_batch_size,
-                            default_tokenizer=cfg.model.init_from_dir)
-    g = t.global_batch_size
-    batch = collate([data.train[i] for i in range(step * g, (step + 1) * g)])
-    expected = batch_stats(hf_logits(out, batch["tokens"]), batch["labels"])
-    row = next(r for r in rows if r["step"] == step + 1)
-    for key, value in expected.items():
-        assert row[key] == pytest.approx(value, abs=1e-4), key
-
-
-@pytest.mark.parametrize("overrides, nproc", [
-    (["recipe=llama2", "model.num_query_groups=2", "parallel.tensor=2", "parallel.pipeline=2",
-      "model.num_layers=4"], 4),
-    (["recipe=gpt", "parallel.pipeline=2"], 2),  # the tied embedding lives on both stages
-], ids=["llama2-tp2-pp2", "gpt-pp2"])
-def test_export_from_a_parallel_run(tmp_path, single_process, overrides, nproc):
+def test_export_from_a_pipeline_parallel_run(tmp_path, single_process):
+    # GPT on 2 stages: the tied embedding lives on both, learned positions on the first.
+    # (A TP=2 x PP=2 Llama run: tests/hf/test_init_from.py.)
     run, out = tmp_path / "run", tmp_path / "hf"
-    common = [*TINY, "trainer.micro_batch_size=1", "model.vocab_size_divisible_by=256"]
-    rows = train(run, [*common, "checkpoint.interval=2", "checkpoint.save_final=true",
-                       *overrides], nproc=nproc, steps=3)
+    common = [*TINY, "recipe=gpt", "trainer.micro_batch_size=1",
+              "model.vocab_size_divisible_by=256"]
+    rows = train(run, [*common, "parallel.pipeline=2", "checkpoint.interval=2",
+                       "checkpoint.save_final=true"], nproc=2, steps=3)
     assert export_main(["hf", str(run), "--step", "2", str(out)]) == 0
-    check_against_run(run, out, 2, rows)
+    check_against_run(run, out, 3, rows)
     # The same run in one process (same initial weights, batches and updates): its logits
     # at the end are the exported final checkpoint's.
     assert export_main(["hf", str(run), str(tmp_path / "final")]) == 0
-    one = [o for o in overrides if not o.startswith("parallel.")]
-    twin = train_in_process(tmp_path / "one", [*common, *one], single_process)
+    twin = train_in_process(tmp_path / "one", common, single_process)
     tokens = torch.tensor([twin.data.tokenizer.encode(SAMPLE_TEXT)[:32]])
     theirs = hf_logits(tmp_path / "final", tokens)
     assert theirs.std() > 0.5

@@ -7,13 +7,23 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LLAMA_OVERRIDES, batch_stats, hf_logits, make_llama, our_logits
+import torch
 from helpers import make_config, make_trainer
+from hf_models import (
+    LLAMA_OVERRIDES,
+    SAMPLE_TEXT,
+    batch_stats,
+    check_against_run,
+    hf_logits,
+    make_llama,
+    our_logits,
+)
 from parity import train
 
 from stability.data.loader import collate
 from stability.data.tokenizer import HFTokenizer
 from stability.errors import ConfigError
+from stability.hf.export import export_hf
 from stability.hf.load import check_init_from, divisible_by_for
 
 SMALL = ["data.seq_length=32", "trainer.global_batch_size=2", "trainer.micro_batch_size=2",
@@ -43,22 +53,28 @@ def test_first_step_logits_equal_transformers(tmp_path, hf_llama, single_process
                                                   abs=1e-4)
 
 
-def test_tensor_and_pipeline_parallel_ranks_load_their_shards(tmp_path, hf_llama):
-    # TP=2 x PP=2 (4 ranks): each rank loads its query groups, MLP rows and layers; the first
-    # step's recorded loss statistics are transformers' on the same batch.
+def test_tensor_and_pipeline_parallel_ranks_load_their_shards(tmp_path, hf_llama,
+                                                              single_process):
+    # TP=2 x PP=2 (4 ranks): each rank loads its query groups, MLP rows and layers, so the
+    # first step's recorded loss statistics are transformers' on the same batch. The run's
+    # checkpoints export back (merging the 4 rank files) to what it computed at the next step,
+    # and to what the same run computes in one process.
+    run = tmp_path / "run"
     overrides = [*LLAMA_OVERRIDES, *SMALL, f"model.init_from=hf:{hf_llama}",
-                 "parallel.tensor=2", "parallel.pipeline=2", "trainer.micro_batch_size=1"]
-    rows = train(tmp_path, overrides, nproc=4, steps=1)
-    cfg = make_config(*overrides)
-    from stability.data import build_train_data
-
-    data = build_train_data(cfg.data, seed=cfg.trainer.seed, global_batch_size=2,
-                            micro_batch_size=2, dp_rank=0, dp_size=1, train_samples=2,
-                            default_tokenizer=hf_llama)
-    batch = collate([data.train[i] for i in range(2)])
-    expected = batch_stats(hf_logits(hf_llama, batch["tokens"]), batch["labels"])
-    for key, value in expected.items():
-        assert rows[0][key] == pytest.approx(value, abs=1e-4), key
+                 "trainer.micro_batch_size=1", "trainer.train_steps=3", "optim.lr=1e-2"]
+    rows = train(run, [*overrides, "parallel.tensor=2", "parallel.pipeline=2",
+                       "checkpoint.interval=2", "checkpoint.save_final=true"],
+                 nproc=4, steps=3)
+    check_against_run(run, hf_llama, 1, rows)
+    assert export_hf(run, tmp_path / "step2", step=2)["step"] == 2
+    check_against_run(run, tmp_path / "step2", 3, rows)
+    export_hf(run, tmp_path / "final")
+    twin = make_trainer(make_config(*overrides, "model.vocab_size_divisible_by=256"),
+                        tmp_path / "one", [], single_process)
+    twin.fit()
+    tokens = torch.tensor([twin.data.tokenizer.encode(SAMPLE_TEXT)[:32]])
+    difference = our_logits(twin.model, tokens) - hf_logits(tmp_path / "final", tokens)
+    assert difference.abs().max().item() < 1e-4
 
 
 def test_a_config_that_does_not_describe_the_checkpoint_is_refused(hf_llama):
@@ -110,3 +126,22 @@ def test_vocabulary_padding_suggestion():
     assert divisible_by_for(31999, 32000, 2, prefer=8) == 8
     assert divisible_by_for(32001, 32000, 1, prefer=128) is None
     assert divisible_by_for(100, 128, 1, prefer=3) == 32  # none <= 3: the smallest that fits
+
+
+def test_round_trip_through_training_and_export(tmp_path, hf_llama, single_process):
+    # transformers -> init_from -> one training step -> stability-export hf -> transformers:
+    # the exported model computes what the trained one does, its tokenizer is DIR's.
+    from transformers import AutoTokenizer
+
+    cfg = make_config(*LLAMA_OVERRIDES, *SMALL, f"model.init_from=hf:{hf_llama}",
+                      "model.scaled_embedding=true", "checkpoint.save_final=true")
+    trainer = make_trainer(cfg, tmp_path / "run", [], single_process)
+    trainer.fit()
+    info = export_hf(tmp_path / "run", tmp_path / "out")
+    assert info["tokenizer"] == str(hf_llama / "tokenizer.json")
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "out")(
+        SAMPLE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :32]
+    assert tokens[0].tolist() == trainer.data.tokenizer.encode(SAMPLE_TEXT)[:32]
+    difference = our_logits(trainer.model, tokens) - hf_logits(tmp_path / "out", tokens)
+    assert difference.abs().max().item() < 1e-4
+    assert (hf_logits(tmp_path / "out", tokens) - hf_logits(hf_llama, tokens)).abs().max() > 1e-3
