@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,22 @@ def parse_blend(key: str, items: list[Any]) -> Blend:
 
 
 @dataclass
+class BlendPerSplit:
+    """``data.blend_per_split``: each split's own blend, each like ``data.blend``, instead of
+    one blend (or path) cut by ``data.split``. Unset splits are empty."""
+
+    train: list[Any] | None = None
+    """The training blend (required when any split is set)."""
+    valid: list[Any] | None = None
+    """The validation blend; None = no validation data."""
+    test: list[Any] | None = None
+    """The test blend; None = no test data."""
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, split) for split in SPLITS)
+
+
+@dataclass
 class DataConfig:
     """Which tokens the model trains on, and how they are cut into sequences."""
 
@@ -49,9 +65,8 @@ class DataConfig:
     w_i / sum(w) (through megatron-core's BlendedDataset); [prefix1, prefix2, ...] mixes them in
     proportion to their sizes. `split` splits each dataset."""
 
-    blend_per_split: dict[str, list[Any]] | None = None
-    """A blend per split instead of `path`/`blend` and `split`: {train: [...], valid: [...],
-    test: [...]} (each like `blend`; train required, valid and test optional)."""
+    blend_per_split: BlendPerSplit = field(default_factory=BlendPerSplit)
+    """A blend per split instead of `path`/`blend` and `split` (see `BlendPerSplit`)."""
 
     tokenizer: str | None = None
     """SentencePiece .model file, Hugging Face tokenizer.json, or a folder holding one
@@ -103,12 +118,12 @@ class DataConfig:
         for all splits, or one blend per split (None for a split without data); ConfigError
         for a malformed one."""
         if self.blend_per_split:
-            unknown = sorted(set(self.blend_per_split) - set(SPLITS))
-            if unknown or not self.blend_per_split.get("train"):
-                raise ConfigError("data.blend_per_split", self.blend_per_split,
-                                  "a mapping with train (and optionally valid, test) blends")
-            return None, [parse_blend(f"data.blend_per_split.{split}", self.blend_per_split[split])
-                          if self.blend_per_split.get(split) else None for split in SPLITS]
+            per_split = self.blend_per_split
+            if not per_split.train:
+                raise ConfigError("data.blend_per_split.train", per_split.train,
+                                  "a blend like data.blend when data.blend_per_split is set")
+            return None, [parse_blend(f"data.blend_per_split.{split}", getattr(per_split, split))
+                          if getattr(per_split, split) else None for split in SPLITS]
         if self.blend:
             return parse_blend("data.blend", self.blend), None
         return ([self.path], None) if self.path else None, None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stability.data.config import DataConfig
+from stability.data.config import BlendPerSplit, DataConfig
 from stability.data.preprocess import preprocess
 from stability.data.tokenizer import Tokenizer
 from stability.errors import ConfigError
@@ -85,8 +85,8 @@ def test_blend_without_weights_mixes_by_size(cache_dir, corpora):
 
 def test_blend_per_split(cache_dir, corpora):
     english, digits, digit_ids = corpora
-    data = build(cache_dir, blend_per_split={"train": [0.5, english, 0.5, digits],
-                                             "valid": [digits]})
+    data = build(cache_dir, blend_per_split=BlendPerSplit(train=[0.5, english, 0.5, digits],
+                                                          valid=[digits]))
     assert from_digits(data.train, 100, digit_ids) == pytest.approx(0.5, abs=0.01)
     assert from_digits(data.valid, len(data.valid), digit_ids) == 1.0
     assert data.test is None
@@ -115,15 +115,29 @@ def test_a_blend_trains(tmp_path, cache_dir, corpora, single_process):
     ({"blend": []}, "data.path"),
     ({"blend": ["a"], "path": "b"}, "data.blend"),
     ({"blend": ["a"], "name": "sample"}, "data.name"),
-    ({"blend_per_split": {"valid": ["a"]}}, "data.blend_per_split"),
-    ({"blend_per_split": {"train": ["a"], "dev": ["b"]}}, "data.blend_per_split"),
-    ({"blend_per_split": {"train": ["a", 1]}}, "data.blend_per_split.train"),
+    ({"blend_per_split": BlendPerSplit(valid=["a"])}, "data.blend_per_split.train"),
+    ({"blend_per_split": BlendPerSplit(train=["a", 1])}, "data.blend_per_split.train"),
+    ({"blend_per_split": BlendPerSplit(train=["a"]), "blend": ["b"]},
+     "data.blend_per_split"),
 ])
 def test_malformed_blends_are_refused(fields, key):
     fields = {"name": "indexed", **fields}
     with pytest.raises(ConfigError) as error:
         DataConfig(**fields).validate()
     assert error.value.key == key
+
+
+def test_blends_from_the_command_line():
+    from helpers import make_config
+
+    cfg = make_config("data.name=indexed", "data.blend=[0.3,data/ja,0.7,data/en]")
+    assert cfg.data.blends() == ((["data/ja", "data/en"], [0.3, 0.7]), None)
+    cfg = make_config("data.name=indexed",
+                      "data.blend_per_split={train:[0.3,data/ja,0.7,data/en],valid:[data/v]}")
+    assert cfg.data.blends() == (None, [(["data/ja", "data/en"], [0.3, 0.7]),
+                                        (["data/v"], None), None])
+    with pytest.raises(ConfigError, match="data.blend_per_split.dev"):
+        make_config("+data.blend_per_split.dev=[x]")  # past Hydra's struct check
 
 
 def test_missing_blended_dataset_is_named(corpora):
