@@ -143,6 +143,11 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None) -> dict[str, An
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_tokenizer(tokenizer, tmp, cfg.data.seq_length)
         check_tokenizer(tokenizer, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for file in tmp.iterdir():  # safetensors writes owner-only files
+            file.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
