@@ -52,7 +52,7 @@ class Trainer:
         self.cfg = cfg
         self.files = RunFiles(Path(run_dir))
         runtime.apply()
-        p, t = cfg.parallel, cfg.trainer
+        p, t, m = cfg.parallel, cfg.trainer, cfg.model
         self.topology = topology or parallel.init(runtime.device, p.tensor, p.pipeline,
                                                   p.virtual_pipeline)
         self.device = self.topology.device
@@ -62,17 +62,11 @@ class Trainer:
         dp = self.topology.dp_size
         self.accumulation = t.global_batch_size // (t.micro_batch_size * dp)
         self.data = build_train_data(
-            cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size, dp_rank=self.topology.dp_rank, dp_size=dp,
-            train_samples=t.train_steps * t.global_batch_size,
-            default_tokenizer=cfg.model.init_from_dir)
+            cfg.data, seed=t.seed, global_batch_size=t.global_batch_size, dp_size=dp,
+            micro_batch_size=t.micro_batch_size, dp_rank=self.topology.dp_rank,
+            train_samples=t.train_steps * t.global_batch_size, default_tokenizer=m.init_from_dir)
         vocab_size = self.data.tokenizer.vocab_size
         self.chunks = build_chunks(cfg, runtime, vocab_size, self.device)
-        if cfg.model.init_from:  # before the optimizer copies the weights (a resume reloads)
-            from stability.hf.load import load_hf_weights
-
-            load_hf_weights(self.chunks, cfg.model, tp_rank=self.topology.tp_rank,
-                            tp_size=p.tensor)
         self.model = self.chunks[0] if len(self.chunks) == 1 else ModelChunks(self.chunks)
         params = [param for param in self.model.parameters() if param.requires_grad]
         self.engine = build_engine(self.model, self.chunks, params, cfg.optim, self.topology,
@@ -312,13 +306,22 @@ def seed_everything(seed: int, tp_rank: int, device_type: str) -> None:
 
 def build_chunks(cfg: Config, runtime: Runtime, vocab_size: int,
                  device: torch.device) -> list[torch.nn.Module]:
-    """This rank's model: one chunk per virtual pipeline stage (one without virtual stages)."""
+    """This rank's model: one chunk per virtual pipeline stage (one without virtual stages),
+    with its shard of ``model.init_from``'s weights when set (loaded here, before the optimizer
+    copies the weights; a resume then loads the run's checkpoint over them)."""
     p = cfg.parallel
     stages = [None] if p.virtual_pipeline is None else list(range(p.virtual_pipeline))
-    return [build_model(cfg.model, runtime, vocab_size=vocab_size,
-                        seq_length=cfg.data.seq_length, seed=cfg.trainer.seed, tensor=p.tensor,
-                        pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
-                        vp_stage=stage).to(device) for stage in stages]
+    chunks = [build_model(cfg.model, runtime, vocab_size=vocab_size,
+                          seq_length=cfg.data.seq_length, seed=cfg.trainer.seed,
+                          tensor=p.tensor, pipeline=p.pipeline,
+                          virtual_pipeline=p.virtual_pipeline, vp_stage=stage).to(device)
+              for stage in stages]
+    if cfg.model.init_from:
+        from stability.hf.load import load_hf_weights
+
+        load_hf_weights(chunks, cfg.model, tp_size=p.tensor,
+                        tp_rank=parallel_state.get_tensor_model_parallel_rank())
+    return chunks
 
 
 def loss_statistics(micro_stats: list[torch.Tensor],
