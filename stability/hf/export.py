@@ -16,6 +16,7 @@ text exactly as the run's tokenizer does.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -81,6 +82,12 @@ def save_tokenizer(tokenizer: Any, out: Path, max_length: int) -> None:
                                    clean_up_tokenization_spaces=False,
                                    model_max_length=max_length, **specials)
     fast.save_pretrained(out)
+    # transformers 5 names the class TokenizersBackend, which transformers 4 does not know;
+    # both load PreTrainedTokenizerFast from tokenizer.json.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_tokenizer(tokenizer: Any, out: Path) -> None:
