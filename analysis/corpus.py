@@ -55,10 +55,10 @@ def split_bounds(num_documents: int, split: str = "969,30,1") -> list[tuple[int,
 def sample_levels(tokenizer: str = "sample-2k", split: str = "969,30,1") -> Levels:
     """The n-gram levels of a shipped tokenizer (``data.tokenizer`` name) on the sample corpus
     (a few seconds: the corpus is tokenized once per process)."""
-    from stability.data.sample import iter_sample_documents, tokenizer_path
-    from stability.data.tokenizer import Tokenizer
+    from stability.data.sample import iter_sample_documents
+    from stability.data.tokenizer import Tokenizer, tokenizer_file
 
-    tok = Tokenizer(tokenizer_path(tokenizer))
+    tok = Tokenizer(tokenizer_file(tokenizer))
     docs = [doc["text"] for doc in iter_sample_documents()]
     ids = [ids + [tok.eod] for ids in tok.encode_batch(docs)]
     (t0, t1), (h0, h1), _ = split_bounds(len(ids), split)

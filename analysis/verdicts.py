@@ -8,8 +8,8 @@ unigram level (``analysis.corpus``).
 A testable comparison is paired by seed (same seed, same data order and initial draws in both
 arms) and decided by a one-sided paired t-test in the claimed direction, at level
 :data:`ALPHA`: ``reproduced`` when p < ALPHA, else ``not reproduced``. Outcomes that are counts
-(runs that diverged) use Fisher's exact test instead (p <= ALPHA: an exact test's
-p-values are discrete, and 3/3 against 0/3 diverged is p = 1/20). A figure with several comparisons (parts)
+(runs that diverged) use Fisher's exact test instead (p <= ALPHA: an exact test's p-values are
+discrete, and 3/3 against 0/3 diverged is p = 1/20). A figure with several comparisons (parts)
 is ``reproduced`` when all are, ``not reproduced`` when none is, else ``partly``; comparisons
 that are untestable are left out, and a figure with no testable comparison is ``untestable``.
 

@@ -96,6 +96,10 @@ def run(cfg: Config, run_dir: Path, labels: RunLabels | None = None) -> dict[str
     launch = parallel.detect_launch()
     cfg.validate(launch.world_size)
     cfg.data.check_files()
+    if cfg.model.init_from:
+        from stability.hf.load import check_init_from
+
+        check_init_from(cfg)
     runtime = Runtime.resolve(cfg)
     is_main = launch.rank == 0
     try:

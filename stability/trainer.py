@@ -303,7 +303,8 @@ def build_data(cfg: Config, topology: parallel.Topology):
     return build_train_data(
         cfg.data, seed=t.seed, global_batch_size=t.global_batch_size,
         micro_batch_size=t.micro_batch_size, dp_rank=topology.dp_rank, dp_size=topology.dp_size,
-        train_samples=t.train_steps * t.global_batch_size)
+        train_samples=t.train_steps * t.global_batch_size,
+        default_tokenizer=cfg.model.init_from_dir)
 
 
 def seed_everything(seed: int, tp_rank: int, device_type: str) -> None:
@@ -316,13 +317,22 @@ def seed_everything(seed: int, tp_rank: int, device_type: str) -> None:
 
 def build_chunks(cfg: Config, runtime: Runtime, vocab_size: int,
                  device: torch.device) -> list[torch.nn.Module]:
-    """This rank's model: one chunk per virtual pipeline stage (one without virtual stages)."""
+    """This rank's model: one chunk per virtual pipeline stage (one without virtual stages),
+    with its shard of ``model.init_from``'s weights when set (loaded here, before the optimizer
+    copies the weights; a resume then loads the run's checkpoint over them)."""
     p = cfg.parallel
     stages = [None] if p.virtual_pipeline is None else list(range(p.virtual_pipeline))
-    return [build_model(cfg.model, runtime, vocab_size=vocab_size,
-                        seq_length=cfg.data.seq_length, seed=cfg.trainer.seed, tensor=p.tensor,
-                        pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
-                        vp_stage=stage).to(device) for stage in stages]
+    chunks = [build_model(cfg.model, runtime, vocab_size=vocab_size,
+                          seq_length=cfg.data.seq_length, seed=cfg.trainer.seed,
+                          tensor=p.tensor, pipeline=p.pipeline,
+                          virtual_pipeline=p.virtual_pipeline, vp_stage=stage).to(device)
+              for stage in stages]
+    if cfg.model.init_from:
+        from stability.hf.load import load_hf_weights
+
+        load_hf_weights(chunks, cfg.model, tp_size=p.tensor,
+                        tp_rank=parallel_state.get_tensor_model_parallel_rank())
+    return chunks
 
 
 def loss_statistics(micro_stats: list[torch.Tensor],

@@ -25,7 +25,7 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
 SCRIPTS = PROJECT["scripts"]
 FIRST_PARTY = {"stability", "analysis", "hydra_plugins", "benchmarks", "helpers", "parity",
-               "wandb_records", "detector_series", "conftest"}
+               "wandb_records", "detector_series", "conftest", "hf_models"}
 OPTIONAL = {"flash_attn": "flash-attn", "transformer_engine": "transformer-engine"}
 """Imported only on a GPU, inside try or behind an availability check: the ``gpu`` extra."""
 
@@ -161,7 +161,7 @@ def imported_top_level(root: Path) -> dict[str, Path]:
     return found
 
 
-@pytest.mark.parametrize("tree, extras", [("stability", ("gpu",)), ("analysis", ()),
+@pytest.mark.parametrize("tree, extras", [("stability", ("gpu", "hf")), ("analysis", ()),
                                           ("hydra_plugins", ()), ("tests", ("dev",))])
 def test_every_imported_package_is_declared(tree, extras):
     declared = requirements(*extras)

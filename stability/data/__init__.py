@@ -6,15 +6,16 @@ See docs/data.md for the corpus, the cache and the batch order.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stability.data.config import DataConfig
-from stability.data.tokenizer import Tokenizer
+from stability.data.tokenizer import HFTokenizer, Tokenizer
 
 if TYPE_CHECKING:
     from stability.data.train_data import TrainData
 
-__all__ = ["DataConfig", "Tokenizer", "TrainData", "build_train_data"]
+__all__ = ["DataConfig", "HFTokenizer", "Tokenizer", "TrainData", "build_train_data"]
 
 
 def build_train_data(
@@ -26,6 +27,7 @@ def build_train_data(
     dp_rank: int,
     dp_size: int,
     train_samples: int,
+    default_tokenizer: str | Path | None = None,
 ) -> TrainData:
     """Tokenizer, datasets and this rank's batch loader; see `stability.data.train_data`."""
     from stability.data.train_data import build_train_data as build
@@ -38,6 +40,7 @@ def build_train_data(
         dp_rank=dp_rank,
         dp_size=dp_size,
         train_samples=train_samples,
+        default_tokenizer=default_tokenizer,
     )
 
 

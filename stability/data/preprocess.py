@@ -8,7 +8,8 @@ and `.txt` (the whole file is one document), each optionally compressed (`.gz`, 
 Globs are expanded here (quote them), `**` included. Every input, the key in each JSONL file's
 first record, and the tokenizer are checked before any work starts; a bad one exits with status
 2 and a message naming it. Train on the result with `data.name=indexed data.path=PREFIX` (and
-`data.tokenizer=MODEL` for a tokenizer other than the sample one).
+`data.tokenizer=MODEL` for a tokenizer other than the sample one). The tokenizer is a
+SentencePiece `.model` or a Hugging Face `tokenizer.json` (or a folder holding one).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from stability.data.sample import SAMPLE_TOKENIZER
-from stability.data.tokenizer import Tokenizer
+from stability.data.tokenizer import HFTokenizer, Tokenizer, open_tokenizer, tokenizer_file
 
 PROG = "python -m stability.data.preprocess"
 FORMATS = (".jsonl", ".json", ".txt")
@@ -161,12 +162,12 @@ def _chunks(documents: Iterator[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: Tokenizer | HFTokenizer | None = None
 
 
 def _init_worker(model_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_path)
+    _worker_tokenizer = open_tokenizer(model_path)
 
 
 def _encode_chunk(texts: list[str]) -> list[list[int]]:
@@ -174,7 +175,9 @@ def _encode_chunk(texts: list[str]) -> list[list[int]]:
     return [_worker_tokenizer.encode(text) for text in texts]
 
 
-def tokenized(documents: Iterator[str], tokenizer: Tokenizer, workers: int) -> Iterator[list[int]]:
+def tokenized(
+    documents: Iterator[str], tokenizer: Tokenizer | HFTokenizer, workers: int
+) -> Iterator[list[int]]:
     """Token ids of each document, in input order, spread over `workers` processes."""
     if workers == 1:
         for chunk in _chunks(documents):
@@ -188,7 +191,11 @@ def tokenized(documents: Iterator[str], tokenizer: Tokenizer, workers: int) -> I
 
 
 def preprocess(
-    paths: list[Path], output_prefix: Path, tokenizer: Tokenizer, json_key: str, workers: int
+    paths: list[Path],
+    output_prefix: Path,
+    tokenizer: Tokenizer | HFTokenizer,
+    json_key: str,
+    workers: int,
 ) -> dict[str, object]:
     """Tokenizes `paths` into PREFIX.bin/.idx/.meta.json; returns the sidecar metadata.
 
@@ -249,14 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=SAMPLE_TOKENIZER,
         metavar="MODEL",
-        help="SentencePiece .model (default: the sample tokenizer)",
+        help="SentencePiece .model, Hugging Face tokenizer.json, or a folder holding one "
+        "(default: the sample tokenizer)",
     )
     parser.add_argument("--json-key", default="text", help="document field in JSONL records")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     return parser
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[Tokenizer, list[Path]]:
+def check_arguments(args: argparse.Namespace) -> tuple[Tokenizer | HFTokenizer, list[Path]]:
     """Checks every argument before any work; returns the tokenizer and the input files.
 
     Raises:
@@ -264,10 +272,10 @@ def check_arguments(args: argparse.Namespace) -> tuple[Tokenizer, list[Path]]:
     """
     if args.workers < 1:
         raise InputError(f"--workers {args.workers}: must be >= 1")
-    if not args.tokenizer.is_file():
+    if not tokenizer_file(args.tokenizer).is_file():
         raise InputError(f"--tokenizer {str(args.tokenizer)!r}: no such file")
     try:
-        tokenizer = Tokenizer(args.tokenizer)
+        tokenizer = open_tokenizer(args.tokenizer)
     except (RuntimeError, ValueError) as error:
         raise InputError(f"--tokenizer {str(args.tokenizer)!r}: not usable ({error})") from error
     prefix = args.output_prefix

@@ -73,6 +73,12 @@ class ModelConfig:
     """megatron-core's fused kernels that need no apex: bias + activation (GELU, SwiGLU) and
     bias + dropout + add compiled by torch.compile, RoPE fused by Transformer Engine when it is
     installed; None = on GPU, off on CPU (where runs are compared bit for bit)."""
+    init_from: str | None = None
+    """Initial weights: None = random (init_std); "hf:DIR" = a Hugging Face Llama-architecture
+    checkpoint in the local folder DIR (config.json, *.safetensors or pytorch_model.bin), each
+    rank loading its shard; its tokenizer (DIR/tokenizer.json, else tokenizer.model) is used
+    when data.tokenizer is None. The model keys must describe the checkpoint (a mismatch is
+    refused naming the key); a checkpoint of this run, when there is one, wins on resume."""
 
     @property
     def query_groups(self) -> int:
@@ -115,6 +121,15 @@ class ModelConfig:
         positive("model.vocab_size_divisible_by", self.vocab_size_divisible_by)
         in_range("model.hidden_dropout", self.hidden_dropout, 0.0, 1.0)
         in_range("model.attention_dropout", self.attention_dropout, 0.0, 1.0)
+        if self.init_from is not None and (not self.init_from.startswith("hf:")
+                                           or len(self.init_from) == 3):
+            raise ConfigError("model.init_from", self.init_from,
+                              'null or "hf:DIR" (a local Hugging Face checkpoint folder)')
+
+    @property
+    def init_from_dir(self) -> str | None:
+        """The folder of ``init_from`` ("hf:DIR" -> DIR), or None."""
+        return self.init_from[3:] if self.init_from else None
 
 
 @dataclass

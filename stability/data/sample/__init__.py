@@ -22,15 +22,6 @@ one trained the same way, for CPU studies (docs/findings.md: at d=128 an 8k outp
 most of a small model's FLOPs, and most of its entries are seen a handful of times)."""
 
 
-def tokenizer_path(name: str | None) -> Path:
-    """The file of ``data.tokenizer``: a shipped tokenizer's name, else a path (None: sample)."""
-    if name is None:
-        return SAMPLE_TOKENIZER
-    if name in SAMPLE_TOKENIZERS:
-        return SAMPLE_TOKENIZERS[name]
-    return Path(name).expanduser()
-
-
 def iter_sample_documents() -> Iterator[dict[str, str]]:
     """Yields the sample corpus documents in their stored order."""
     with lzma.open(SAMPLE_CORPUS, "rt", encoding="utf-8") as lines:
