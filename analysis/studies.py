@@ -413,163 +413,151 @@ def _lrs(*values: float) -> str:
 
 
 SEEDS = "trainer.seed=1,2,3"
+SEEDS5 = "trainer.seed=1,2,3,4,5"
+SEEDS2 = "trainer.seed=1,2"
 
-# CPU: the tiny model (d=64, 2 layers, 4 heads, 8k vocabulary), batch 8 x 64 tokens, 100 steps,
-# two single-threaded runs at a time (~0.15 s a step). The bases are the ablation's
-# (sweep/ablation/gpt.yaml, llama2.yaml): GPT with min LR 1e-4 and warmup 10%, Llama2 with min
-# LR 1e-3 and warmup 5.8%, so that every study's GPT or Llama2 run at an LR is the ablation's run
-# (trained once).
-CPU = ("data.seq_length=64", "trainer.train_steps=100")
-CPU_GPT = (*CPU, "recipe=gpt", "optim.min_lr=1e-4")
-CPU_LLAMA2 = (*CPU, "recipe=llama2", "optim.min_lr=1e-3", "optim.warmup_steps=6")  # 5.8%
-CPU_LRS = _lrs(1e-2, 3e-2, 1e-1, 3e-1)
-CPU_ABLATION_LRS = _lrs(1e-2, 3e-2, 1e-1)  # 16 variants: the grid the budget allows
+# CPU: the study shape (size=study: d=128, 4 layers, 4 heads, the 2048-entry tokenizer, batch
+# 8 x 128 tokens), 400 steps, warmup 10%, a cosine that ends at LR/10 at the run's end, held-out
+# loss at the end (24 global batches: the same 24,576 held-out tokens for every run). Calibration
+# (docs/findings.md): GPT's held-out loss is best at LR 1e-2 (5.24 nats), Llama2's at 3e-3 (3.75);
+# the corpus's unigram level is 6.33, its bigram level 3.79. About a core-minute a run.
+CPU = ("size=study", "trainer.train_steps=400", "trainer.eval_batches=24")
+CPU_GRID = _lrs(1e-3, 3e-3, 1e-2, 3e-2)  # 1.5 decades; both recipes' optima inside
+# The regime that separates the recipes (the second pilot's, DESIGN.md): no clipping, weight
+# decay 1e-4 independent of the peak LR, LR 0.3. The min LR and warmup are spelled out so that
+# the ablation's bases (whose files set neither) are these runs.
+SEPARATING = ("optim.lr=0.3", "optim.clip_grad=0", "optim.weight_decay=1e-4",
+              "optim.weight_decay_lr_independent=true",
+              "optim.min_lr='${times:${optim.lr},0.1}'",
+              "optim.warmup_steps='${steps_fraction:${trainer.train_steps},0.1}'")
 
-# One H100 (estimated from FLOPs, not measured: <= 10 min per study with 8 runs sharing the
-# GPU): d=256, 4 layers (size=small), batch 32 x 256 tokens, 400 steps.
-GPU = ("size=small", "data.seq_length=256", "trainer.global_batch_size=32",
-       "trainer.micro_batch_size=32", "trainer.train_steps=400")
-GPU_GPT = (*GPU, "recipe=gpt", "optim.min_lr=1e-4")
-GPU_LLAMA2 = (*GPU, "recipe=llama2", "optim.min_lr=1e-3", "optim.warmup_steps=23")
-GPU_LRS = _lrs(3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
-GPU_ABLATION_LRS = _lrs(3e-3, 3e-2, 3e-1)
-
-# The regime that separates the recipes (the second pilot's, DESIGN.md; sweep/gpt_vs_llama2.yaml):
-# no clipping, weight decay 1e-4 independent of the peak LR, warmup 40 of an 800-step cosine
-# (min LR 1e-4 for both recipes, so that the ablation's GPT runs here are these). With the 8k
-# vocabulary it separates them from LR 0.5 up: GPT's output logits blow up, Llama2's do not.
-SEPARATING = ("optim.clip_grad=0", "optim.weight_decay=1e-4",
-              "optim.weight_decay_lr_independent=true", "optim.warmup_steps=40",
-              "optim.decay_steps=800", "optim.min_lr=1e-4")
-CPU_SEP = (*CPU, *SEPARATING, "model.hidden_size=64", "model.num_layers=2",
-           "model.qk_layernorm=false")
-GPU_SEP = (*GPU, *SEPARATING, "model.hidden_size=256", "model.num_layers=4",
-           "model.qk_layernorm=false")
+# One H100 (estimated from FLOPs, not measured): the same designs at d=256, 8 layers, the 8k
+# tokenizer, sequence 256, batch 32, 1000 steps (eight runs share the GPU).
+GPU = ("size=small", "model.num_layers=8", "data.seq_length=256", "trainer.global_batch_size=32",
+       "trainer.micro_batch_size=32", "trainer.train_steps=1000",
+       "optim.min_lr='${times:${optim.lr},0.1}'",
+       "optim.warmup_steps='${steps_fraction:${trainer.train_steps},0.1}'",
+       "trainer.eval_batches=8")
+GPU_GRID = _lrs(3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
-SEPARATING_VARIANTS = ("+sweep/ablation=gpt,gpt+rmsnorm,gpt+scaled_embedding,gpt+z_loss,gpt+eps,"
-                       "gpt+init_std,gpt+arch,llama2")
-
-
-def _main(sweep: str | None, cpu: tuple[str, ...], gpu: tuple[str, ...]) -> dict[str, Grid]:
-    return {"main": Grid(sweep, {"cpu": cpu, "gpu": gpu})}
+def _both(sweep: str | None, cpu: tuple[str, ...], gpu: tuple[str, ...]) -> Grid:
+    return Grid(sweep, {"cpu": (*CPU, *cpu), "gpu": (*GPU, *gpu)})
 
 
 _add(Study(
     "gpt_vs_llama2",
-    "Final loss against peak LR for the GPT and Llama2 recipes, over seeds",
+    "GPT and Llama2 recipes: held-out loss against peak LR (5 seeds), and where they separate",
     "LLM-jp's 172B run replaced the GPT-style recipe of its 175B run, which suffered loss "
     "spikes, with a Llama2-style recipe and trained without them: the Llama2 recipe is the more "
     "stable one (and reaches a lower loss).",
     "LLM-jp talk (seeds/); LLM-jp-3 report",
-    {"main": Grid("ablation", {
-        "cpu": (*CPU, SEEDS, CPU_LRS, "+sweep/ablation=gpt,llama2"),
-        "gpu": (*GPU, SEEDS, GPU_LRS, "+sweep/ablation=gpt,llama2")}),
-     "separating": Grid("gpt_vs_llama2", {
-         "cpu": (*CPU_SEP, SEEDS, _lrs(0.3, 0.5, 1.0)),
-         "gpu": (*GPU_SEP, SEEDS, _lrs(0.3, 0.5, 1.0))})},
+    # The bases of the ablation's variants, in the standard regime (not ablation.yaml's).
+    {"main": _both(None, (SEEDS5, CPU_GRID, "+sweep/ablation=gpt,llama2"),
+                   (SEEDS5, GPU_GRID, "+sweep/ablation=gpt,llama2")),
+     "separating": _both("gpt_vs_llama2", (*SEPARATING, SEEDS5), (*SEPARATING, SEEDS5))},
 ))
 _add(Study(
     "norm_placement",
-    "Pre-LN, post-LN and sandwich-LN: final loss against peak LR (GPT recipe)",
-    "Post-LN transformers diverge or stall at large learning rates without long warmup; "
-    "pre-LN trains stably; sandwich-LN (an extra norm on each branch output) is more stable "
-    "still.",
-    "Xiong et al. 2020 (On Layer Normalization in the Transformer Architecture); Ding et al. "
-    "2021 (CogView)",
-    _main("norm_placement", (*CPU_GPT, SEEDS, CPU_LRS), (*GPU_GPT, SEEDS, GPU_LRS)),
+    "Post-LN against pre-LN without warmup: held-out loss against peak LR (GPT recipe)",
+    "Post-LN transformers need a learning-rate warmup: without it they diverge or stall at "
+    "learning rates where pre-LN trains (the gradients of the layers near the output are large "
+    "at initialisation).",
+    "Xiong et al. 2020 (On Layer Normalization in the Transformer Architecture); Liu et al. 2020",
+    {"main": _both("norm_placement", (SEEDS, CPU_GRID), (SEEDS, GPU_GRID))},
 ))
 _add(Study(
     "qk_norm",
-    "QK-layernorm: max attention logit and final loss against peak LR (GPT recipe)",
+    "QK-layernorm: max attention logit and held-out loss against peak LR (Llama2 recipe)",
     "Without QK-layernorm, attention logits grow with the learning rate until attention "
     "collapses and training becomes unstable; QK-layernorm removes the growth and lowers LR "
     "sensitivity.",
     "Dehghani et al. 2023 (ViT-22B); Wortsman et al. 2023 (Small-scale proxies)",
-    _main("qk_norm", (*CPU_GPT, SEEDS, CPU_LRS), (*GPU_GPT, SEEDS, GPU_LRS)),
+    {"main": _both("qk_norm", (SEEDS, _lrs(1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
+                   (SEEDS, _lrs(3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)))},
 ))
 _add(Study(
     "z_loss",
-    "z-loss: output logsumexp and max |logit| over steps, with and without (GPT recipe)",
-    "At high learning rates the output logits diverge (their logsumexp drifts away from 0); "
-    "z-loss 1e-4 keeps logsumexp near 0 and prevents that divergence.",
-    "Chowdhery et al. 2022 (PaLM); Wortsman et al. 2023",
-    {"separating": Grid("z_loss", {
-        "cpu": (*CPU_SEP, SEEDS, "optim.lr=1.0", "loss.z_loss=0,1e-4"),
-        "gpu": (*GPU_SEP, SEEDS, "optim.lr=1.0", "loss.z_loss=0,1e-4")}),
-     "main": Grid("z_loss", {
-         "cpu": (*CPU_GPT, SEEDS, "optim.lr=0.1", "loss.z_loss=0,1e-4"),
-         "gpu": (*GPU_GPT, SEEDS, "optim.lr=0.1", "loss.z_loss=0,1e-4")})},
+    "z-loss without weight decay: output logsumexp drift and held-out loss (Llama2 recipe)",
+    "Without weight decay the output logits drift at high learning rates (their logsumexp moves "
+    "away from 0); z-loss 1e-4 keeps logsumexp near 0 and prevents the divergence.",
+    "Wortsman et al. 2023 (3.1.2); Chowdhery et al. 2022 (PaLM)",
+    {"main": _both("z_loss", (SEEDS,), (SEEDS,))},
 ))
 _add(Study(
     "spike_no_more",
-    "Embeddings plain, scaled by sqrt(d), layernormed: loss, grad norm and spikes (GPT recipe)",
-    "Embeddings with a small norm make gradient spikes and loss spikes likely; scaling them by "
-    "sqrt(d) or normalising them keeps their norm near 1 and prevents the spikes.",
+    "Embeddings plain, scaled by sqrt(d), layernormed: early gradient spikes (GPT recipe)",
+    "Embeddings with a small norm make gradient spikes and loss spikes likely early in "
+    "training; scaling them by sqrt(d) or normalising them keeps their norm near 1 and "
+    "prevents the spikes.",
     "Takase et al. 2023 (Spike No More)",
-    _main("spike_no_more", (*CPU_SEP, SEEDS, _lrs(0.5, 1.0)),
-          (*GPU_SEP, SEEDS, _lrs(0.5, 1.0))),
+    {"main": _both("spike_no_more", (SEEDS,), (SEEDS,)),
+     "layernorm": _both("spike_no_more", (SEEDS, "model.scaled_embedding=false",
+                                          "model.embedding_layernorm=true"),
+                        (SEEDS, "model.scaled_embedding=false",
+                         "model.embedding_layernorm=true"))},
 ))
 _add(Study(
     "adam_eps",
-    "Adam epsilon 1e-8, 1e-6, 1e-5 (Llama2 recipe): stability over LRs and learning speed",
-    "Adam eps 1e-5 (LLM-jp 172B) damps the updates of parameters with small gradients: it buys "
-    "stability but slows learning, so LLM-jp-3 172B and OLMo 2 went back to 1e-8.",
-    "LLM-jp-3 report; OLMo 2 (Team OLMo 2024); Wortsman et al. 2023",
-    _main("adam_eps", (*CPU_LLAMA2, SEEDS, CPU_ABLATION_LRS, "optim.eps=1e-8,1e-6,1e-5"),
-          (*GPU_LLAMA2, SEEDS, GPU_ABLATION_LRS, "optim.eps=1e-8,1e-6,1e-5")),
+    "Adam epsilon 1e-8 against 1e-5 with ordinary and with tiny gradients (Llama2 recipe)",
+    "Adam eps 1e-5 (LLM-jp 172B) damps the updates of parameters with small gradients: where "
+    "gradients are small, as in large models, it slows learning, so LLM-jp-3 172B and OLMo 2 "
+    "went back to 1e-8.",
+    "LLM-jp-3 report; OLMo 2 (Team OLMo 2024); Wortsman et al. 2023 (3.4)",
+    {"main": _both("adam_eps", (SEEDS,), (SEEDS,))},
 ))
 _add(Study(
     "init_std",
-    "Init std 0.005 vs 0.02, with and without scaled embeddings: final loss against LR (GPT)",
+    "Init std 0.005 against 0.02, embeddings plain or scaled by sqrt(d): held-out loss and "
+    "early gradient spikes (GPT recipe)",
     "GPT's small init (std 0.005) with plain embeddings leaves the embeddings' norm tiny, the "
     "condition for loss spikes; the Llama2 recipe's std 0.02 with embeddings scaled by sqrt(d) "
     "is the stable choice.",
-    "Takase et al. 2023 (Spike No More); LLM-jp talk (seeds/)",
-    _main("init_std", (*CPU_GPT, SEEDS, CPU_ABLATION_LRS, "model.init_std=0.005,0.02",
-                       "model.scaled_embedding=false,true"),
-          (*GPU_GPT, SEEDS, GPU_ABLATION_LRS, "model.init_std=0.005,0.02",
-           "model.scaled_embedding=false,true")),
+    "Takase et al. 2023 (Spike No More); OLMo 2 (3.2); LLM-jp talk (seeds/)",
+    {"main": _both("init_std", (SEEDS,), (SEEDS,))},
 ))
 _add(Study(
     "width_scaling",
-    "Instability onset LR and LR sensitivity as the model widens (GPT recipe)",
+    "LR sensitivity as the model widens, with and without QK-layernorm (Llama2 recipe)",
     "Without QK-layernorm the learning rate at which training becomes unstable falls, and LR "
-    "sensitivity grows, as models get wider.",
+    "sensitivity grows, as models get wider; QK-layernorm keeps the growth small.",
     "Wortsman et al. 2023 (Small-scale proxies)",
-    # Where instability shows at this scale: no clipping, LR-independent weight decay (with
-    # clipping, no width diverged up to LR 0.3 in 100 steps).
-    _main("width_scaling", (*CPU_SEP, SEEDS, _lrs(0.1, 0.3, 0.5, 1.0), "recipe=gpt",
-                            "model.hidden_size=32,64,128"),
-          (*GPU_SEP, SEEDS, _lrs(0.1, 0.3, 0.5, 1.0), "recipe=gpt",
-           "model.hidden_size=128,256,512")),
+    {"main": _both("width_scaling", (SEEDS,), (SEEDS, "model.hidden_size=128,256,512",
+                                               _lrs(1e-3, 3e-3, 1e-2, 3e-2, 1e-1)))},
 ))
 _add(Study(
     "ablation",
-    "Each change of the recipe table applied alone to GPT and removed alone from Llama2",
+    "Each change of the recipe table applied alone to GPT and removed alone from Llama2, where "
+    "the recipes separate",
     "Each change of LLM-jp's recipe table (RMSNorm, scaled embeddings, z-loss, Adam eps 1e-5, "
-    "init std 0.02, LR and warmup, Llama architecture) was adopted for the 172B run's "
-    "stability: applied to the GPT recipe it should lower LR sensitivity, removed from the "
-    "Llama2 recipe it should raise it.",
+    "init std 0.02, Llama architecture) was adopted for the 172B run's stability: applied to "
+    "the GPT recipe it should make training more stable, removed from the Llama2 recipe less.",
     "LLM-jp talk (seeds/)",
-    {"main": Grid("ablation", {"cpu": (*CPU, SEEDS, CPU_ABLATION_LRS),
-                               "gpu": (*GPU, SEEDS, GPU_ABLATION_LRS)}),
-     # Which change alone keeps GPT from blowing up where the recipes separate (LR 1.0)?
-     # (lr_warmup is left out: the regime sets warmup and min LR.)
-     "separating": Grid("ablation", {
-         "cpu": (*CPU_SEP, SEEDS, "optim.lr=1.0", SEPARATING_VARIANTS),
-         "gpu": (*GPU_SEP, SEEDS, "optim.lr=1.0", SEPARATING_VARIANTS)})},
+    {"main": _both("ablation", (*SEPARATING, SEEDS), (*SEPARATING, SEEDS))},
+))
+_add(Study(
+    "spike_recovery",
+    "A blow-up and the spike policies: alert only, skip the step, roll back (GPT where the "
+    "recipes separate, 1000 steps)",
+    "Loss spikes are survivable: skipping the offending updates (OLMo-core's SkipStepOptimizer) "
+    "or restarting from a checkpoint before the spike and skipping the batches around it (PaLM) "
+    "lets training continue where it would otherwise diverge.",
+    "Chowdhery et al. 2022 (PaLM, 5.1); OLMo-core",
+    {"main": _both("spike_recovery", (*SEPARATING, SEEDS2, "trainer.train_steps=1000",
+                                      "checkpoint.interval=20", "checkpoint.keep_last=3"),
+                   (*SEPARATING, SEEDS2, "trainer.train_steps=2500", "checkpoint.interval=50",
+                    "checkpoint.keep_last=3"))},
 ))
 _add(Study(
     "spike_timeline",
-    "A loss curve with every detector event marked: an injected LR spike, a real blow-up",
+    "An engineering check, not a published finding: a loss curve with every detector event "
+    "marked, an injected LR spike and a real blow-up",
     "Our bar (DESIGN.md): every loss spike that matters is flagged within 2 steps of its onset, "
     "with no false alarm on the clean stretch before it.",
     "DESIGN.md (spike detection); OLMo-core, Megatron-LM and PaLM practice",
     {"main": Grid("spike_timeline", {
-        "cpu": (*CPU_GPT, SEEDS),
-        "gpu": (*GPU_GPT, SEEDS, "fault.at_step=250")}),
-     "genuine": Grid("gpt_vs_llama2", {
-         "cpu": (*CPU_SEP, "recipe=gpt", "optim.lr=1.0", "trainer.seed=1"),
-         "gpu": (*GPU_SEP, "recipe=gpt", "optim.lr=1.0", "trainer.seed=1")})},
+        "cpu": ("size=tiny", "recipe=gpt", SEEDS),
+        "gpu": (*GPU, "recipe=gpt", SEEDS, "fault.at_step=250")}),
+     "genuine": _both("gpt_vs_llama2", (*SEPARATING, "recipe=gpt", "trainer.seed=1"),
+                      (*SEPARATING, "recipe=gpt", "trainer.seed=1"))},
 ))

@@ -209,7 +209,15 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="stability_schema", node=Config)
     if not OmegaConf.has_resolver("steps_fraction"):
         OmegaConf.register_new_resolver("steps_fraction", steps_fraction)
+    if not OmegaConf.has_resolver("times"):
+        OmegaConf.register_new_resolver("times", times)
     cli_help.register(Config)
+
+
+def times(value: float, factor: float) -> float:
+    """``${times:x,f}`` in YAML: x * f, e.g. the minimum LR as a share of the peak,
+    ``optim.min_lr: ${times:${optim.lr},0.1}``."""
+    return float(value) * float(factor)
 
 
 def steps_fraction(steps: int, fraction: float) -> int:

@@ -134,7 +134,7 @@ def _train(cfg: Config, files: Any, runtime: Any, is_main: bool,
 
     preemption = Preemption().install()
     trainer = None
-    started = time.monotonic()
+    started, wall, cpu = time.monotonic(), time.time(), time.process_time()
     try:
         trainer = Trainer(cfg, files.root, default_callbacks(cfg, files.root, is_main,
                                                              preemption, labels),
@@ -146,6 +146,9 @@ def _train(cfg: Config, files: Any, runtime: Any, is_main: bool,
             for line in banner(cfg, trainer, loaded):
                 log.info("%s", line)
         summary = trainer.fit()
+        # This process's share of the cost (a study's core-minutes: analysis.regenerate).
+        summary.update(started_at=wall, wall_seconds=time.time() - wall,
+                       cpu_seconds=time.process_time() - cpu)
         if is_main:
             write_json(files.summary, summary)
             log.info("%s", end_line(summary, cfg, time.monotonic() - started, files.root))
