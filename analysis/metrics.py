@@ -2,12 +2,17 @@
 
 Definitions (the reference is ``docs/analysis.md``):
 
+- held-out loss: ``eval_loss``, the run's held-out cross-entropy at its end (annealed).
+- unigram / bigram level: the corpus's held-out n-gram losses (:mod:`analysis.corpus`).
 - loss at init: ``ln(vocab_size)`` when given, else the first finite logged loss.
-- final loss: mean of the finite losses among the last ``k`` logged records (``FINAL_K``);
-  ``inf`` when the last logged loss is non-finite.
-- diverged: some logged loss is non-finite, or the final loss is above the loss at init.
-- LR sensitivity (Wortsman et al. 2023): ``mean_lr(min(final, init)) - min_lr(final)``.
-- max stable LR: the largest LR on the grid whose run did not diverge.
+- final loss: mean of the finite training losses among the last ``k`` logged records
+  (``FINAL_K``); ``inf`` when the last logged loss is non-finite (used only without eval).
+- diverged: some logged loss is non-finite, or the held-out loss ends above the unigram level
+  (without a held-out loss: the final training loss above the loss at init).
+- LR sensitivity (Wortsman et al. 2023): ``mean_lr(min(eval, unigram)) - min_lr(eval)``: capped
+  at the unigram level, so a recipe that learns nothing is not "stable", it is untestable.
+- max stable LR: the largest LR on the grid whose run did not diverge; censored (``>=``) when
+  none diverged, ``<`` the grid when all did.
 - spike incidents: event (or spiky-step) steps merged when closer than ``merge_gap`` steps.
 - spike score (OLMo 2): fraction of evaluated steps whose value exceeds the mean plus
   ``n_sigma`` standard deviations of the previous ``window`` values.
@@ -18,8 +23,8 @@ Definitions (the reference is ``docs/analysis.md``):
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -91,21 +96,72 @@ def best_loss(loss: Values) -> float:
     return float(a.min()) if a.size else math.nan
 
 
-def is_diverged(loss: Values, *, init: float | None = None, k: int = FINAL_K) -> bool:
-    """Whether a run diverged: any non-finite loss, or a final loss above the loss at init.
+def is_diverged(loss: Values, *, init: float | None = None, k: int = FINAL_K,
+                eval_loss: float = math.nan, unigram: float = math.nan) -> bool:
+    """Whether a run diverged: any non-finite logged loss, or a held-out loss above the unigram
+    level (a model that does worse than token frequencies); without a held-out loss or a
+    unigram level, a final training loss above the loss at init.
 
     Args:
         loss: Logged losses in step order.
         init: Loss at init; default: :func:`loss_at_init` of ``loss``.
         k: Records averaged into the final loss.
+        eval_loss: The run's held-out loss at its end.
+        unigram: The corpus's held-out unigram level.
     """
     a = _floats(loss)
+    if a.size and not np.isfinite(a).all():
+        return True
+    if math.isfinite(unigram) and not math.isnan(eval_loss):
+        return not math.isfinite(eval_loss) or eval_loss > unigram
     if a.size == 0:
         return False
-    if not np.isfinite(a).all():
-        return True
     init = loss_at_init(a) if init is None else init
     return bool(final_loss(a, k) > init)
+
+
+def corpus_levels(data: Mapping[str, Any]) -> tuple[float, float]:
+    """(unigram, bigram) held-out levels of a run's data config (``config.yaml``'s ``data``):
+    the sample corpus with its tokenizer; NaN for other data (not known here)."""
+    if not data or data.get("name", "sample") != "sample" or data.get("blend"):
+        return math.nan, math.nan  # no data section recorded, or other data
+    from analysis.corpus import sample_levels
+
+    try:
+        levels = sample_levels(data.get("tokenizer") or "sample", data.get("split", "969,30,1"))
+    except (OSError, RuntimeError, ValueError):
+        return math.nan, math.nan
+    return levels.unigram, levels.bigram
+
+
+INCIDENT_KINDS = {
+    "num_loss_spikes": "loss spikes and blow-ups: events of kind spike on the loss "
+                       "(loss_spike, loss_rebound, the baselines' loss rules)",
+    "num_grad_spikes": "grad-norm spikes: events of kind spike on the grad norm",
+    "num_leading": "leading alerts: events of kind leading (attention logits, logsumexp, "
+                   "update ratios)",
+    "num_nonfinite": "non-finite values: events of kind nonfinite",
+}
+"""The incident counts of the runs table, each merged like :func:`merge_incidents`."""
+
+
+def incidents_by_kind(events: Iterable[Mapping[str, Any]],
+                      merge_gap: int = MERGE_GAP) -> dict[str, int]:
+    """Detector incidents of a run, counted apart by what they flag (:data:`INCIDENT_KINDS`)."""
+    steps: dict[str, list[int]] = {k: [] for k in INCIDENT_KINDS}
+    for e in events:
+        if "step" not in e:
+            continue
+        kind, metric = e.get("kind", "spike"), str(e.get("metric", ""))
+        if kind == "nonfinite":
+            steps["num_nonfinite"].append(e["step"])
+        elif kind == "leading":
+            steps["num_leading"].append(e["step"])
+        elif metric.startswith("grad_norm"):
+            steps["num_grad_spikes"].append(e["step"])
+        else:
+            steps["num_loss_spikes"].append(e["step"])
+    return {k: len(merge_incidents(v, merge_gap)) for k, v in steps.items()}
 
 
 # --- LR grids -------------------------------------------------------------------------------
@@ -276,7 +332,27 @@ def steps_to_recover(
     return np.asarray(out, dtype=float)
 
 
-_GRID_COLUMNS = ["lr_sensitivity", "max_stable_lr", "best_lr", "best_final_loss", "n_lrs"]
+_GRID_COLUMNS = ["lr_sensitivity", "max_stable_lr", "stable_censored", "best_lr",
+                 "optimum_interior", "best_eval_loss", "n_lrs", "cap"]
+
+
+def held_out(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Each run's loss for grid metrics and the level it is capped at.
+
+    Where the corpus's unigram level is known: the held-out loss, capped at the unigram level
+    (a diverged run that never reached its evaluation counts as infinite, so capped there too).
+    Elsewhere (other data): the final training loss, capped at the loss at init.
+    """
+    value = runs["final_loss"].astype(float)
+    cap = runs["loss_at_init"].astype(float)
+    if "eval_loss" in runs and "unigram" in runs:
+        known = runs["unigram"].notna()
+        held = runs["eval_loss"].astype(float)
+        died = held.isna() & runs["diverged"].astype(bool)
+        held = held.where(~died, np.inf).fillna(value)
+        value = value.where(~known, held)
+        cap = cap.where(~known, runs["unigram"].astype(float))
+    return value, cap
 
 
 def grid_per_seed(
@@ -288,34 +364,44 @@ def grid_per_seed(
 ) -> pd.DataFrame:
     """LR-grid metrics for each group and seed.
 
-    Uses the runs table's ``final_loss``, ``loss_at_init``, ``diverged`` and ``status``
-    columns. Runs still running or incomplete are skipped unless they diverged. Several runs at
-    one (group, seed, LR) are averaged (diverged if any diverged).
+    Uses the held-out loss capped at the unigram level (:func:`held_out`), ``diverged`` and
+    ``status``. Runs still running or incomplete are skipped unless they diverged. Several runs
+    at one (group, seed, LR) are averaged (diverged if any diverged).
 
     Returns:
-        One row per group and seed: ``by``, ``seed_col``, ``lr_sensitivity``, ``max_stable_lr``,
-        ``best_lr``, ``best_final_loss``, ``n_lrs``.
+        One row per group and seed: ``by``, ``seed_col``, ``lr_sensitivity``,
+        ``max_stable_lr``, ``stable_censored`` (">=": none diverged, the onset lies above the
+        grid; "<": all diverged; ""), ``best_lr``, ``optimum_interior`` (the best LR is not at
+        an end of the grid), ``best_eval_loss``, ``n_lrs``, ``cap``.
     """
     for col in (lr_col, seed_col):
         if col not in runs.columns:
             raise KeyError(f"column {col!r} is not in the runs table")
     use = runs[~runs["status"].isin(UNFINISHED) | runs["diverged"].astype(bool)]
+    value, cap = held_out(use)
+    use = use.assign(_value=value, _cap=cap)
     keys = [*by, seed_col]
     rows = []
     for key, group in use.groupby(keys, dropna=False, sort=True):
         grid = group.groupby(lr_col, sort=True).agg(
-            final=("final_loss", "mean"), init=("loss_at_init", "mean"), div=("diverged", "any")
-        )
-        final = grid["final"].fillna(np.inf)
-        best = final.idxmin() if np.isfinite(final.min()) else math.nan
+            value=("_value", "mean"), cap=("_cap", "mean"), div=("diverged", "any"))
+        v = grid["value"].fillna(np.inf)
+        best = v.idxmin() if np.isfinite(v.min()) else math.nan
+        lrs = list(grid.index)
+        stable = max_stable_lr(grid.index, grid["div"])
+        censored = ">=" if not grid["div"].any() else ("<" if grid["div"].all() else "")
         rows.append(
             {
                 **dict(zip(keys, key, strict=True)),
-                "lr_sensitivity": lr_sensitivity(grid["final"], grid["init"]),
-                "max_stable_lr": max_stable_lr(grid.index, grid["div"]),
+                "lr_sensitivity": lr_sensitivity(grid["value"], grid["cap"]),
+                "max_stable_lr": stable,
+                "stable_censored": censored,
                 "best_lr": best,
-                "best_final_loss": final.min() if np.isfinite(final.min()) else math.nan,
+                "optimum_interior": bool(len(lrs) > 2 and best == best
+                                         and lrs[0] < best < lrs[-1]),
+                "best_eval_loss": v.min() if np.isfinite(v.min()) else math.nan,
                 "n_lrs": len(grid),
+                "cap": float(grid["cap"].mean()),
             }
         )
     return pd.DataFrame(rows, columns=[*keys, *_GRID_COLUMNS])
@@ -333,12 +419,12 @@ def grid_metrics(
 
     Returns:
         Long table: ``by``, ``metric`` (``lr_sensitivity`` | ``max_stable_lr`` |
-        ``best_final_loss``), ``mean``, ``lo``, ``hi``, ``n``. The max stable LR is averaged
+        ``best_eval_loss``), ``mean``, ``lo``, ``hi``, ``n``. The max stable LR is averaged
         in log space (geometric mean and CI).
     """
     per_seed = grid_per_seed(runs, by, lr_col=lr_col, seed_col=seed_col)
     parts = []
-    for metric in ("lr_sensitivity", "max_stable_lr", "best_final_loss"):
+    for metric in ("lr_sensitivity", "max_stable_lr", "best_eval_loss"):
         opts = {**ci, "log": metric == "max_stable_lr"}
         part = over_seeds(per_seed, metric, by, **opts)
         part.insert(len(by), "metric", metric)

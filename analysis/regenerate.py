@@ -220,6 +220,11 @@ def draw(name: str, plan: S.Plan, data: Any, root: Path, out: Path) -> dict:
         entry: dict[str, Any] = {"dir": d, **dirs[d]}
         entry.update(result.runs.get(d, {"status": "missing"}))
         runs.append(entry)
+    cpu = sub.runs.get("summary.cpu_seconds")
+    cost = {"runs": len(sub.runs), "core_minutes": None if cpu is None else
+            round(float(cpu.fillna(0).sum()) / 60, 1),
+            "note": "CPU time of the training processes (summary.json cpu_seconds); runs "
+                    "shared with other figures count in each"}
     obj = {
         "figure": name,
         "title": study.title,
@@ -229,8 +234,14 @@ def draw(name: str, plan: S.Plan, data: Any, root: Path, out: Path) -> dict:
         "claim": study.claim,
         "source": study.source,
         "verdict": result.verdict,
+        "false_positive_rate": result.false_positive_rate,
         "finding": result.finding,
+        "levels": result.levels,
+        "arms": result.arms,
+        "grid": result.grid,
+        "tests": result.tests,
         "numbers": result.numbers,
+        "cost": cost,
         "definitions": result.definitions,
         "runs_root": os.path.relpath(os.path.abspath(root), os.path.abspath(out)),
         "runs": runs,
@@ -267,7 +278,8 @@ def _jsonable(value: Any) -> Any:
 
 
 _SOURCES = ("analysis/figures", "analysis/style.py", "analysis/metrics.py", "analysis/stats.py",
-            "analysis/runs.py", "analysis/regenerate.py", "analysis/studies.py")
+            "analysis/runs.py", "analysis/regenerate.py", "analysis/studies.py",
+            "analysis/verdicts.py", "analysis/corpus.py")
 
 
 def _source_digest() -> str:
@@ -351,8 +363,8 @@ def draw_all(names: Sequence[str], plan: S.Plan, root: Path, out: Path, fps: dic
 def findings_table(out: Path, names: Sequence[str] | None = None) -> str:
     """A Markdown table of the figures' JSON files in ``out``: claim, our numbers, verdict."""
     names = list(names or S.study_names())
-    rows = ["| figure | published claim | our numbers (mean [95% CI] over seeds) | verdict |",
-            "|---|---|---|---|"]
+    rows = ["| figure | published claim | our numbers (mean [95% t-interval] over seeds) | "
+            "verdict (rule's false-positive rate) |", "|---|---|---|---|"]
     for name in names:
         path = out / f"{name}.json"
         if not path.is_file():
@@ -362,9 +374,29 @@ def findings_table(out: Path, names: Sequence[str] | None = None) -> str:
         def cell(text: str) -> str:
             return text.replace("|", "/").replace("\n", " ")
 
+        rate = obj.get("false_positive_rate", {}).get("reproduced")
+        fpr = f" ({100 * rate:.1f}%)" if isinstance(rate, float) else ""
         rows.append(f"| [{name}]({name}.png) | {cell(obj['claim'])} ({cell(obj['source'])}) | "
-                    f"{cell(obj['finding'])} | **{obj['verdict']}** |")
+                    f"{cell(obj['finding'])} | **{obj['verdict']}**{fpr} |")
     return "\n".join(rows) + "\n"
+
+
+def training_cost(plan: S.Plan, names: Sequence[str], root: Path) -> str:
+    """One line: the CPU time (core-minutes) and wall time of the figures' distinct runs."""
+    cpu = wall = 0.0
+    dirs = list(dict.fromkeys(d for n in names for d in plan.studies[n]))
+    counted = 0
+    for d in dirs:
+        try:
+            summary = json.loads((root / d / "summary.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if "cpu_seconds" in summary:
+            counted += 1
+            cpu += float(summary["cpu_seconds"])
+            wall += float(summary.get("wall_seconds", 0.0))
+    return (f"Training cost: {cpu / 60:.0f} core-minutes of CPU time ({wall / 60:.0f} "
+            f"process-minutes of wall time) for {counted} of {len(dirs)} distinct runs.")
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -458,7 +490,9 @@ def main(argv: Sequence[str] | None = None, *, say: Callable[[str], None] = _say
     if stale:
         (out / "findings.md").write_text(
             f"# Findings ({args.scale} scale)\n\nWritten by `python -m analysis.regenerate`; "
-            "see docs/findings.md.\n\n" + findings_table(out))
+            "see docs/findings.md.\n\n" + training_cost(plan, names, root) + "\n\n"
+            + findings_table(out))
+    say(training_cost(plan, names, root))
     say(f"done in {_fmt_time(time.monotonic() - t0)} (figures {time.monotonic() - t1:.1f} s)")
     return status
 

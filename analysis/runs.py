@@ -38,8 +38,9 @@ EVENT_COLUMNS = [
 ]  # fmt: skip
 RUN_COLUMNS = [
     "run_id", "run_dir", "overrides", "status", "steps", "num_logged", "last_step",
-    "loss_at_init", "best_loss", "final_loss", "diverged", "num_events", "num_spikes",
-    "spike_rate",
+    "loss_at_init", "best_loss", "final_loss", "eval_loss", "unigram", "bigram", "peak_loss",
+    "nonfinite", "diverged", "num_events", "num_spikes", "num_loss_spikes", "num_grad_spikes",
+    "num_leading", "num_nonfinite", "spike_rate",
 ]  # fmt: skip
 
 
@@ -50,8 +51,11 @@ class RunData:
     Attributes:
         runs: One row per run: ``RUN_COLUMNS``, then ``summary.<key>`` for each key of
             ``summary.json``, then the flattened config with dotted keys (``optim.lr``).
-            ``diverged`` is the metric definition (:func:`analysis.metrics.is_diverged`) or
-            the trainer's status ``diverged``.
+            ``eval_loss`` is the held-out loss at the end (summary.json, else the last logged
+            one; NaN without evaluation); ``unigram``/``bigram`` the corpus's n-gram levels
+            for the run's tokenizer (``analysis.corpus``; NaN for data other than the sample
+            corpus); ``diverged`` is :func:`analysis.metrics.is_diverged`; the
+            ``num_*`` columns count detector incidents by kind (``M.INCIDENT_KINDS``).
         metrics: One row per logged record (wide): ``run_id``, ``step`` and every key logged
             in ``metrics.jsonl`` (NaN where a run did not log that key).
         events: One row per detector event: ``EVENT_COLUMNS`` and any extra fields.
@@ -167,6 +171,12 @@ def _run_row(
     steps = last_step if steps is None else steps
     row_status = summary.get("status", "incomplete") if summary else "incomplete"
     num_spikes = len(M.merge_incidents((e["step"] for e in events if "step" in e), merge_gap))
+    evals = metrics["eval_loss"].dropna() if "eval_loss" in metrics else pd.Series(dtype=float)
+    eval_loss = summary.get("eval_loss")
+    if not _is_number(eval_loss) or not math.isfinite(eval_loss):
+        eval_loss = float(evals.iloc[-1]) if len(evals) else math.nan
+    levels = M.corpus_levels(config.get("data", {}))
+    nonfinite = bool(len(loss)) and not bool(np.isfinite(loss).all())
     row: dict[str, Any] = {
         "run_id": run_id,
         "run_dir": run_dir,
@@ -178,9 +188,17 @@ def _run_row(
         "loss_at_init": init,
         "best_loss": M.best_loss(loss),
         "final_loss": final,
-        "diverged": row_status == "diverged" or M.is_diverged(loss, init=init, k=final_k),
+        "eval_loss": eval_loss,
+        "unigram": levels[0],
+        "bigram": levels[1],
+        "peak_loss": float(np.nanmax(np.where(np.isfinite(loss), loss, np.nan)))
+        if np.isfinite(loss).any() else math.nan,
+        "nonfinite": nonfinite,
+        "diverged": row_status == "diverged" or M.is_diverged(
+            loss, init=init, k=final_k, eval_loss=eval_loss, unigram=levels[0]),
         "num_events": len(events),
         "num_spikes": num_spikes,
+        **M.incidents_by_kind(events, merge_gap),
         "spike_rate": M.spike_rate(num_spikes, steps) if _is_number(steps) else math.nan,
     }
     row.update(flatten(summary, "summary."))

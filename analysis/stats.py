@@ -22,7 +22,7 @@ Values = Sequence[float] | np.ndarray | pd.Series
 
 @dataclass(frozen=True)
 class SeedStat:
-    """A metric over seeds: mean, bootstrap CI ``[lo, hi]`` and the number of seeds ``n``."""
+    """A metric over seeds: mean, confidence interval ``[lo, hi]`` and the number of seeds ``n``."""
 
     mean: float
     lo: float

@@ -414,7 +414,6 @@ def _lrs(*values: float) -> str:
 
 SEEDS = "trainer.seed=1,2,3"
 SEEDS5 = "trainer.seed=1,2,3,4,5"
-SEEDS2 = "trainer.seed=1,2"
 
 # CPU: the study shape (size=study: d=128, 4 layers, 4 heads, the 2048-entry tokenizer, batch
 # 8 x 128 tokens), 400 steps, warmup 10%, a cosine that ends at LR/10 at the run's end, held-out
@@ -543,9 +542,9 @@ _add(Study(
     "or restarting from a checkpoint before the spike and skipping the batches around it (PaLM) "
     "lets training continue where it would otherwise diverge.",
     "Chowdhery et al. 2022 (PaLM, 5.1); OLMo-core",
-    {"main": _both("spike_recovery", (*SEPARATING, SEEDS2, "trainer.train_steps=1000",
+    {"main": _both("spike_recovery", (*SEPARATING, SEEDS, "trainer.train_steps=1000",
                                       "checkpoint.interval=20", "checkpoint.keep_last=3"),
-                   (*SEPARATING, SEEDS2, "trainer.train_steps=2500", "checkpoint.interval=50",
+                   (*SEPARATING, SEEDS, "trainer.train_steps=2500", "checkpoint.interval=50",
                     "checkpoint.keep_last=3"))},
 ))
 _add(Study(

@@ -53,6 +53,7 @@ LABELS = {
     "optim.lr": "Peak learning rate",
     "loss": "Training loss (nats/token)",
     "final_loss": "Final loss (nats/token)",
+    "eval_loss": "Held-out loss (nats/token)",
     "lr_sensitivity": "LR sensitivity (nats)",
     "grad_norm": "Gradient norm (L2)",
     "step": "Training step",

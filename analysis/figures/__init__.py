@@ -25,6 +25,7 @@ FIGURES: dict[str, Callable[..., FigureResult]] = {
     "init_std": lr_grid.init_std,
     "width_scaling": lr_grid.width_scaling,
     "ablation": ablation.ablation,
+    "spike_recovery": spikes.spike_recovery,
     "spike_timeline": spikes.spike_timeline,
 }
 

@@ -15,6 +15,8 @@ from analysis.figures import common as C
 MARKERS = ["v", "o", "s", "D", "^", "P", "X", "*", "<"]
 DETECTION_STEPS = 2
 """DESIGN.md's bar: a spike is flagged within 2 steps of its onset."""
+ENGINEERING_PASSED = "engineering check: passed"
+ENGINEERING_FAILED = "engineering check: failed"
 
 
 def _fault_step(row: pd.Series) -> float:
@@ -112,12 +114,10 @@ def spike_timeline(data, scale: str) -> C.FigureResult:
                "genuine_runs": int(len(genuine)),
                "genuine_incidents": {r["run_id"]: per_run[r["run_id"]]["incidents"]
                                      for _, r in genuine.iterrows()}}
-    if n and numbers["detected_within_2_steps"] == n and not any(false_alarms):
-        verdict = C.REPRODUCED if n >= 3 else C.PARTLY
-    elif detected:
-        verdict = C.PARTLY
-    else:
-        verdict = C.NOT
+    # An engineering check of our detectors against DESIGN.md's bar, not a published finding:
+    # passed when every injected spike is flagged within 2 steps and no run alarmed before it.
+    passed = bool(n) and numbers["detected_within_2_steps"] == n and not any(false_alarms)
+    verdict = ENGINEERING_PASSED if passed else ENGINEERING_FAILED
     finding = (f"{numbers['detected_within_2_steps']}/{n} injected spikes flagged within "
                f"{DETECTION_STEPS} steps (delays {', '.join(f'{d:g}' for d in detected)}); "
                f"{numbers['runs_with_false_alarms_before_fault']}/{n} runs had events before "
@@ -127,7 +127,73 @@ def spike_timeline(data, scale: str) -> C.FigureResult:
                     + "; ".join(", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in inc)
                                 or "none"
                                 for inc in numbers["genuine_incidents"].values()) + ".")
+    runs["variant"] = runs["recipe"].astype(str)
     return C.FigureResult(fig, verdict, finding, numbers, per_run, {
         "spike_incidents": C.DEFINITIONS["spike_incidents"],
         "detection_delay": "first event step at or after the fault step, minus the fault step",
-        "events_before_fault": "events before the fault step (false alarms on a clean stretch)"})
+        "events_before_fault": "events before the fault step (false alarms on a clean stretch)"},
+        levels=C.levels(runs), arms=C.arms_json(runs, sorted(set(runs["variant"]))),
+        grid=C.grid_json(runs), false_positive_rate={
+            "note": "an engineering check against a fixed bar, not a statistical test"})
+
+
+# --- spike_recovery -------------------------------------------------------------------------
+
+POLICIES = ("alert", "skip_step", "rollback")
+
+
+def spike_recovery(data, scale: str) -> C.FigureResult:
+    """(a) Training loss over steps under each spike policy (actions.on_spike) where GPT blows
+    up; (b) the held-out loss at the end. Tests, paired by seed: skipping the step and rolling
+    back each end lower than only alerting."""
+    runs = C.with_columns(data.runs, lambda r: str(r["actions.on_spike"]))
+    order = [p for p in POLICIES if p in set(runs["variant"])]
+    colors = style.palette(order)
+    runs = runs.assign(c=C.capped(runs))
+    runs["skipped_steps"] = C.reduce_metric(runs, data.metrics, "skipped", "sum")
+    runs["rollbacks"] = runs.get("summary.rollbacks", pd.Series(0, index=runs.index)).fillna(0)
+    tests = {f"{p}_lower_than_alert": C.compare(
+        C.per_seed(runs, "c", p), C.per_seed(runs, "c", "alert"),
+        testable=C.is_testable(runs, ["alert", p])) for p in order if p != "alert"}
+    numbers = {"lr": float(runs["lr"].iloc[0]) if len(runs) else None,
+               "steps": int(runs["steps"].max()) if len(runs) else 0,
+               "eval_loss_capped": C.by_variant(runs, "c", order),
+               "peak_loss": C.by_variant(runs, "peak_loss", order, log=True),
+               "skipped_steps": C.by_variant(runs, "skipped_steps", order),
+               "rollbacks": C.by_variant(runs, "rollbacks", order),
+               "diverged_runs": {p: "{}/{}".format(int(g["diverged"].sum()), len(g))
+                                 for p in order for g in [runs[runs["variant"] == p]]}}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=style.figsize("double", 0.36),
+                                 gridspec_kw={"width_ratios": [1.6, 0.8]})
+    C.plot_curves(a1, data.metrics, runs, "loss", order, colors)
+    C.log_axis(a1)
+    C.level_lines(a1, runs)
+    a1.set_ylabel("Training loss (nats/token, log scale)")
+    a1.set_title(f"(a) training loss, LR {numbers['lr']:g}", loc="left", fontsize=7)
+    C.bars(a2, runs, "c", order, colors)
+    C.level_lines(a2, runs)
+    a2.set_ylabel(style.label("eval_loss"))
+    a2.set_title("(b) held-out loss (capped)", loc="left", fontsize=7)
+    fig.tight_layout()
+    C.figure_legend(fig, a1, title=f"GPT recipe, {C.regime(runs.iloc[0])}; actions.on_spike; "
+                    "thin: seeds, thick: median")
+    e = numbers["eval_loss_capped"]
+    finding = (f"LR {numbers['lr']:g}, {numbers['steps']} steps: held-out loss (capped) "
+               + ", ".join(f"{p} {C.fmt(e[p])} ({numbers['diverged_runs'][p]} diverged)"
+                           for p in order)
+               + "; skipped steps per run " + ", ".join(
+                   f"{p} {C.fmt(numbers['skipped_steps'][p], 0)}" for p in order)
+               + "; rollbacks per run " + ", ".join(
+                   f"{p} {C.fmt(numbers['rollbacks'][p], 1)}" for p in order) + ". "
+               + "; ".join(f"{k}: {t.verdict} ({t.test.detail}"
+                           + ("" if t.verdict == C.UNTESTABLE else f", p = {t.test.p:.3g}")
+                           + ")" for k, t in tests.items()) + ".")
+    lv = C.levels(runs)
+    finding += (f" Levels: unigram {lv['unigram']:.2f}, bigram {lv['bigram']:.2f}.")
+    per_run = {r["run_id"]: C.per_run_entry(r, policy=r["variant"], skipped_steps=float(
+        r["skipped_steps"]), rollbacks=float(r["rollbacks"])) for _, r in runs.iterrows()}
+    return C.result(fig, tests, finding, numbers, per_run, C.definitions(
+        "eval_loss", "diverged", skipped_steps="sum of metrics.jsonl skipped (updates the "
+        "skip_step action withheld)", rollbacks="summary.json rollbacks (restores of the last "
+        "good checkpoint)"), runs, {k: ["alert", k.split("_lower")[0]] for k in tests},
+        C.grid_json(runs))

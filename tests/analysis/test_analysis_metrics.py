@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from analysis import metrics as M
@@ -68,6 +69,44 @@ def test_grid_metrics_on_sweep(sweep: Path) -> None:
     assert summary.loc["lr_sensitivity", "n"] == 2
     assert summary.loc["max_stable_lr", "mean"] == pytest.approx(math.sqrt(1e-3 * 1e-2))
     assert summary.loc["max_stable_lr", "recipe"] == "gpt"
+
+
+def test_grid_uses_the_held_out_loss_capped_at_the_unigram_level() -> None:
+    """One seed, 3 LRs: held-out 4.0, 3.5, and 7.0 (above the unigram level 6.3: diverged);
+    a second seed whose largest LR died before its evaluation (NaN, diverged)."""
+    runs = pd.DataFrame({
+        "optim.lr": [1e-3, 1e-2, 1e-1] * 2, "trainer.seed": [1, 1, 1, 2, 2, 2],
+        "eval_loss": [4.0, 3.5, 7.0, 4.2, 3.6, math.nan], "unigram": [6.3] * 6,
+        "final_loss": [4.1, 3.6, 7.2, 4.3, 3.7, math.inf], "loss_at_init": [7.6] * 6,
+        "diverged": [False, False, True, False, False, True], "status": ["completed"] * 6})
+    per = M.grid_per_seed(runs).set_index("trainer.seed")
+    want = (4.0 + 3.5 + 6.3) / 3 - 3.5
+    assert per.loc[1, "lr_sensitivity"] == pytest.approx(want)
+    assert per.loc[2, "lr_sensitivity"] == pytest.approx((4.2 + 3.6 + 6.3) / 3 - 3.6)
+    assert per.loc[1, "max_stable_lr"] == pytest.approx(1e-2)
+    assert per.loc[1, "stable_censored"] == "" and per.loc[1, "best_eval_loss"] == 3.5
+    assert bool(per.loc[1, "optimum_interior"])
+    calm = runs.assign(eval_loss=[4.0, 3.5, 3.9] * 2, diverged=False)
+    per = M.grid_per_seed(calm).set_index("trainer.seed")
+    assert per.loc[1, "stable_censored"] == ">="  # nothing diverged: the onset is above
+
+
+def test_diverged_by_held_out_loss() -> None:
+    assert M.is_diverged([7.0, 5.0], eval_loss=6.5, unigram=6.3)  # learned less than unigram
+    assert not M.is_diverged([7.0, 9.0], eval_loss=6.0, unigram=6.3)
+    assert M.is_diverged([7.0, math.nan], eval_loss=3.0, unigram=6.3)  # non-finite loss
+    assert M.is_diverged([7.0, 5.0], eval_loss=math.inf, unigram=6.3)
+    assert M.is_diverged([5.0, 6.0])  # without a held-out loss: final above the loss at init
+
+
+def test_incidents_by_kind() -> None:
+    events = [{"step": 10, "kind": "spike", "metric": "loss"},
+              {"step": 12, "kind": "spike", "metric": "loss"},
+              {"step": 11, "kind": "spike", "metric": "grad_norm"},
+              {"step": 50, "kind": "leading", "metric": "attn_logit_max"},
+              {"step": 99, "kind": "nonfinite", "metric": "loss"}]
+    assert M.incidents_by_kind(events) == {"num_loss_spikes": 1, "num_grad_spikes": 1,
+                                           "num_leading": 1, "num_nonfinite": 1}
 
 
 def test_grid_requires_columns(sweep: Path) -> None:
