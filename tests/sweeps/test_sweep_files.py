@@ -21,8 +21,10 @@ VARIANTS = sorted(p.stem for p in (SWEEPS / "ablation").glob("*.yaml"))
 # The figures of issue "Explain" and the studies the issue "Sweep" asks for.
 REQUIRED = {"lr_sensitivity", "norm_placement", "ablation", "gpt_vs_llama2", "qk_norm", "z_loss",
             "spike_no_more", "adam_eps", "init_std", "width_scaling", "lr_search"}
-CHANGES = ("rmsnorm", "scaled_embedding", "z_loss", "eps", "init_std", "lr_warmup", "arch")
-MAX_STEPS = 400  # CPU scale: a few hundred steps at most
+# The recipe table's changes; its LR-and-warmup row is the regime's (the ablation fixes LR, min
+# LR and warmup for both recipes), so it is not a variant.
+CHANGES = ("rmsnorm", "scaled_embedding", "z_loss", "eps", "init_std", "arch")
+MAX_STEPS = 1000  # CPU scale: spike_recovery's 1000 steps are the longest
 
 
 @pytest.fixture(scope="module")
