@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from detector_series import ROOT, falling_loss, run
+from detector_series import ROOT, falling_loss, heavy_tailed_loss, run
 
 from stability.detectors import (
     DEFAULT_DETECTORS,
@@ -76,6 +76,26 @@ def test_loss_spike_thresholds_scale_with_the_noise():
     # the old fixed floors (20% single, 12% sustained) can be asked for explicitly
     (floored,) = build_detectors(["loss_spike"], {"loss_spike": {"floor_large": 0.2}})
     assert run(floored, quiet) == []
+
+
+def test_loss_spike_is_quiet_on_heavy_tailed_noise():
+    # Laplace noise: a row 7 sigmas out every ~20k rows; a lone one is noise, not a spike
+    events = [e for seed in range(24)
+              for e in run(build_detectors(["loss_spike"])[0], heavy_tailed_loss(3000, seed))]
+    assert events == []
+
+
+def test_loss_spike_confirms_a_moderately_large_row_on_the_next_one():
+    base = falling_loss(500, noise=0.005)
+    # ~9 sigmas on one row, back to the trend on the next: a hard batch
+    assert run(build_detectors(["loss_spike"])[0], spiked(base, 300, 1.05)) == []
+    # the same row, and the next still 3 sigmas up: a spike, flagged one row later
+    rows = spiked(spiked(base, 300, 1.05), 301, 1.015)
+    (ev,) = run(build_detectors(["loss_spike"])[0], rows)
+    assert ev.step == 301 and "confirmed" in ev.message and ev.score > 7
+    # ~14 sigmas on one row: at once, whatever comes next
+    assert [e.step for e in run(build_detectors(["loss_spike"])[0], spiked(base, 300, 1.07))
+            ] == [300]
 
 
 def test_loss_spike_ignores_a_single_hard_batch():
