@@ -204,6 +204,19 @@ def test_leading_detectors_fire_on_fast_growth_before_the_loss_moves(name, key):
     assert lead and lead[0].kind == "leading" and 405 <= lead[0].step < loss[0].step == 420
 
 
+def test_attention_logits_high_from_the_first_steps_are_no_alarm():
+    # a run that trains, at a high LR: its max attention logit grows x10^5 in 20 steps and
+    # stays in the thousands (the level depends on the init scale and the LR, not on health)
+    rows = falling_loss(300)
+    for r in rows:
+        r["attn_logit_max"] = 0.01 * 5e5 ** min(1.0, r["step"] / 20) * (1 + 0.02 * (r["step"] % 3))
+    assert run(build_detectors(["attn_logit_growth"])[0], rows) == []
+    # an absolute ceiling can still be asked for
+    (det,) = build_detectors(["attn_logit_growth"], {"attn_logit_growth": {"ceiling": 1000}})
+    cross = next(r["step"] for r in rows if r["attn_logit_max"] >= 1000)
+    assert [(e.step, e.threshold) for e in run(det, rows)] == [(cross, 1000)] and cross < 20
+
+
 def test_leading_jump_fires_on_one_row():
     rows = spiked(falling_loss(300), 200, 50.0, length=20, key="update_ratio_max")
     events = run(build_detectors(["update_ratio_growth"])[0], rows)
