@@ -117,6 +117,21 @@ def test_loss_rebound_catches_an_early_blow_up_before_the_loss_passes_init():
     assert run(build_detectors(["loss_rebound"])[0], falling_loss(120, seed=3)) == []
 
 
+def test_loss_rebound_flags_a_run_unstable_from_the_start_within_two_rows():
+    # no warm-up at a high LR: the loss jumps above its value at init from the third row
+    # (a real Llama2 run at LR 0.1), before 12 rows have measured the noise
+    loss = [9.03, 8.92, 10.8, 10.7, 10.5, 10.3, 9.63, 9.56, 8.76, 9.36, 9.33, 9.12, 8.35, 8.34]
+    loss += [8.2 - 0.02 * i for i in range(30)]
+    rows = [{"step": i + 1, "loss": v} for i, v in enumerate(loss)]
+    events = run(build_detectors(["loss_rebound"])[0], rows)
+    assert [e.step for e in events] == [5] and "above its value at init" in events[0].message
+    # a noisy first stretch that stays around the loss at init is not one
+    calm = [9.0, 8.72, 8.59, 8.97, 8.47, 9.11, 8.18, 8.26, 8.25, 8.6, 8.42, 8.61, 8.33, 8.22]
+    calm += [8.1 - 0.02 * i for i in range(30)]
+    assert run(build_detectors(["loss_rebound"])[0],
+               [{"step": i + 1, "loss": v} for i, v in enumerate(calm)]) == []
+
+
 def test_update_ratio_above_one_fires_on_the_first_row():
     rows = falling_loss(40)
     rows[0]["update_ratio_max"] = 19.0  # the first Adam step moved the weights 19x their norm
