@@ -60,7 +60,7 @@ class TrendSpikeDetector(BaseDetector):
     tailed noise raises the thresholds too; never below ``min_sigma``. Two rules fire:
 
     - large: one row with ``r >= k_single * sigma``, or a row with ``r >= k_large * sigma``
-      whose next row is still at least ``gate * sigma`` above trend (flagged on that next row:
+      whose next row is still at least ``k_confirm * sigma`` above trend (flagged on that row:
       a lone row between the two levels is what heavy-tailed noise makes, every few thousand
       rows of Laplace noise; a loss spike outlasts its first row);
     - sustained: the median of the last ``persist`` rows ``>= k_sustained * sigma``, none of
@@ -96,6 +96,8 @@ class TrendSpikeDetector(BaseDetector):
         short_window: Short window of residuals for the scale.
         k_large: Large rule, in sigmas (confirmed by the next row being held out too).
         k_single: Large rule on a single row, in sigmas (``<= k_large``: no confirmation).
+        k_confirm: What the row after a ``k_large`` row must reach, in sigmas (a spike that
+            decays over a row or more keeps 37% of its size: 3 sigmas of an 8-sigma spike).
         floor_large: Large rule, optional relative floor (0.2 = 20% above trend; 0 = none).
         k_sustained: Sustained rule, in sigmas (on the median of ``persist`` rows).
         floor_sustained: Sustained rule, optional relative floor (0 = none).
@@ -124,6 +126,7 @@ class TrendSpikeDetector(BaseDetector):
         short_window: int = 16,
         k_large: float = 7.0,
         k_single: float = 10.0,
+        k_confirm: float = 3.0,
         floor_large: float = 0.0,
         k_sustained: float = 3.5,
         floor_sustained: float = 0.0,
@@ -150,6 +153,7 @@ class TrendSpikeDetector(BaseDetector):
         self.min_history = min_history
         self.k_large = k_large
         self.k_single = k_single
+        self.k_confirm = k_confirm
         self.log_large = math.log1p(floor_large)
         self.k_sustained = k_sustained
         self.log_sustained = math.log1p(floor_sustained)
@@ -282,7 +286,7 @@ class TrendSpikeDetector(BaseDetector):
             return []
 
         candidate, self._candidate = self._candidate, None
-        if candidate is not None and r >= lo:  # the row after a large one is still high
+        if candidate is not None and r >= self.k_confirm * sigma:  # the next row is still high
             c_step, c_v, _, c_r, _, c_sigma = candidate
             what = (f"{self.metric}={c_v:.4g} at step {int(c_step)} was {math.expm1(c_r):+.0%} "
                     f"vs trend ({c_r / c_sigma:.1f} sigma) and {v:.4g} is still "
