@@ -9,9 +9,11 @@ many were warned before their loss passed the loss at init, and each leading det
 Families: ``synthetic`` (:mod:`benchmarks.detectors.traces`, the detectors were tuned on it),
 ``synthetic-heldout`` (more seeds of that generator: an over-fitting check), ``published``
 (:mod:`benchmarks.detectors.published`: another generator, shaped after published runs at
-scale; held out), ``real`` (this project's own runs, ``real/heldout``; held out) and
-``real-dev`` (``real/dev``: looked at while the early-training rules were designed). The exit
-status is 1 when a held-out family (``published``, ``real``) misses the bar.
+scale; held out), ``real`` (this project's own runs, ``real/heldout``; held out),
+``real-dev`` (``real/dev``: looked at while the early-training rules were designed) and
+``real-studies`` (``real/studies``: the paper studies' own runs, labelled before any detector
+ran on them; held out). The exit status is 1 when a held-out family (``published``, ``real``,
+``real-studies``) misses the bar.
 ``--csv``/``--json`` write the numbers.
 """
 
@@ -31,6 +33,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from benchmarks.detectors.evaluate import LATENCY_BAR, evaluate  # noqa: E402
 from benchmarks.detectors.published import PUBLISHED_SEED0, make_published_set  # noqa: E402
+from benchmarks.detectors.real_studies import STUDIES_DIR  # noqa: E402
 from benchmarks.detectors.traces import (  # noqa: E402
     HELDOUT_SEED0,
     REAL_DIR,
@@ -47,8 +50,8 @@ values flagged on its first row."""
 REAL_BAR = {"warned_share": 1.0, "lead_mean": 10.0}
 """On real runs, also: every blow-up (after learning) warned before its loss passes the loss at
 init, with a mean lead of at least 10 steps, and no loss alarm on a calm run."""
-FAMILIES = ("synthetic", "synthetic-heldout", "published", "real", "real-dev")
-HELDOUT = ("published", "real")
+FAMILIES = ("synthetic", "synthetic-heldout", "published", "real", "real-dev", "real-studies")
+HELDOUT = ("published", "real", "real-studies")
 """Families the detectors were not tuned on: the exit status follows their bar."""
 
 COLUMNS = [
@@ -166,6 +169,8 @@ def family_traces(family: str, n_clean: int, n_spike: int) -> list[Any]:
         return make_published_set(n_clean, n_spike, PUBLISHED_SEED0)
     if family in ("real", "real-dev"):
         return load_real(REAL_DIR, "heldout" if family == "real" else "dev")
+    if family == "real-studies":
+        return load_real(STUDIES_DIR, "studies")
     raise ValueError(f"family={family!r} is not allowed: one of {', '.join(FAMILIES)}")
 
 

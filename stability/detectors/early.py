@@ -46,8 +46,10 @@ class LossRebound(BaseDetector):
     - rebound: ``y - log m >= max(share * P, k * sigma)`` once ``P >= min_progress * sigma``
       (the loss has given back ``share`` of what it learned, by more than the noise);
     - above init: ``y - log L0 >= 1.5 * k * sigma`` (worse than the model at init, which
-      knows nothing: a loss above it is never training), once the noise has been measured on
-      ``MIN_NOISE_ROWS`` rows.
+      knows nothing: a loss above it is never training) once the noise has been measured on
+      ``MIN_NOISE_ROWS`` rows; before that, ``y - log L0 >= log(1 + init_margin)`` (the loss
+      at init barely varies from batch to batch, so a run whose 3 rows all sit 10% above it
+      is unstable from the start; it no longer waits ~15 rows for a noise estimate).
 
     ``sigma`` is the noise of the log loss: the larger of the estimates from the median
     absolute first and second differences of the last ``window`` rows (a falling trend
@@ -66,6 +68,8 @@ class LossRebound(BaseDetector):
         window: Rows for the noise estimate.
         min_sigma: Floor of the noise (log units).
         release: Quiet rows that re-arm the detector.
+        init_margin: The "above init" rule's margin (a share of the loss at init) until the
+            noise has been measured.
     """
 
     requires = ("loss",)
@@ -79,6 +83,7 @@ class LossRebound(BaseDetector):
         window: int = 16,
         min_sigma: float = 0.01,
         release: int = 3,
+        init_margin: float = 0.1,
     ) -> None:
         super().__init__(**init_args(locals()))
         if not 0.0 < share <= 1.0:
@@ -90,6 +95,7 @@ class LossRebound(BaseDetector):
         self.min_progress = min_progress
         self.min_sigma = min_sigma
         self.release = release
+        self.log_margin = math.log1p(init_margin)
         self._y0: float | None = None
         self._ymin = math.inf
         self._last: deque[float] = deque(maxlen=3)
@@ -135,8 +141,7 @@ class LossRebound(BaseDetector):
             rebound = progress >= self.min_progress * sigma and rise >= max(
                 self.share * progress, self.k * sigma
             )
-            above = (len(self._d2) >= MIN_NOISE_ROWS
-                     and low - self._y0 >= ABOVE_FACTOR * self.k * sigma)
+            above = low - self._y0 >= self._above_need(sigma)
             if rebound or above:
                 self._active = True
                 self._quiet = 0
@@ -144,12 +149,21 @@ class LossRebound(BaseDetector):
         self._ymin = min(self._ymin, mid)
         return events
 
+    def _above_need(self, sigma: float) -> float:
+        """How far (log units) above the loss at init the lowest of 3 rows must be: 1.5 k
+        sigmas once the noise is measured; before that, ``init_margin`` (the loss at init is
+        about ``ln(vocab)``, the loss of a model that predicts nothing, and barely varies from
+        batch to batch: three rows well above it are a run that is unstable from the start)."""
+        if len(self._d2) >= MIN_NOISE_ROWS:
+            return ABOVE_FACTOR * self.k * sigma
+        return self.log_margin
+
     def _event(
         self, step: int, v: float, sigma: float, progress: float, rise: float, above: bool
     ) -> Event:
         y0 = self._y0 if self._y0 is not None else 0.0
         if above:
-            need = y0 + ABOVE_FACTOR * self.k * sigma
+            need = y0 + self._above_need(sigma)
             what = f"above its value at init {math.exp(y0):.4g}"
         else:
             need = self._ymin + max(self.share * progress, self.k * sigma)

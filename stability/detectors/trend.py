@@ -59,7 +59,10 @@ class TrendSpikeDetector(BaseDetector):
     residuals of the last ``tail_window`` benign rows, as a Gaussian would have it), so heavy-
     tailed noise raises the thresholds too; never below ``min_sigma``. Two rules fire:
 
-    - large: one row with ``r >= k_large * sigma``;
+    - large: one row with ``r >= k_single * sigma``, or a row with ``r >= k_large * sigma``
+      whose next row is still at least ``k_confirm * sigma`` above trend (flagged on that row:
+      a lone row between the two levels is what heavy-tailed noise makes, every few thousand
+      rows of Laplace noise; a loss spike outlasts its first row);
     - sustained: the median of the last ``persist`` rows ``>= k_sustained * sigma``, none of
       them under ``sustained_min * sigma``.
 
@@ -91,7 +94,10 @@ class TrendSpikeDetector(BaseDetector):
         min_history: Rows needed before the first check.
         resid_window: Long window of residuals for the scale (and the tail sigma).
         short_window: Short window of residuals for the scale.
-        k_large: Large rule, in sigmas.
+        k_large: Large rule, in sigmas (confirmed by the next row being held out too).
+        k_single: Large rule on a single row, in sigmas (``<= k_large``: no confirmation).
+        k_confirm: What the row after a ``k_large`` row must reach, in sigmas (a spike that
+            decays over a row or more keeps 37% of its size: 3 sigmas of an 8-sigma spike).
         floor_large: Large rule, optional relative floor (0.2 = 20% above trend; 0 = none).
         k_sustained: Sustained rule, in sigmas (on the median of ``persist`` rows).
         floor_sustained: Sustained rule, optional relative floor (0 = none).
@@ -119,6 +125,8 @@ class TrendSpikeDetector(BaseDetector):
         resid_window: int = 64,
         short_window: int = 16,
         k_large: float = 7.0,
+        k_single: float = 10.0,
+        k_confirm: float = 3.0,
         floor_large: float = 0.0,
         k_sustained: float = 3.5,
         floor_sustained: float = 0.0,
@@ -144,6 +152,8 @@ class TrendSpikeDetector(BaseDetector):
         self.slope_window = slope_window
         self.min_history = min_history
         self.k_large = k_large
+        self.k_single = k_single
+        self.k_confirm = k_confirm
         self.log_large = math.log1p(floor_large)
         self.k_sustained = k_sustained
         self.log_sustained = math.log1p(floor_sustained)
@@ -167,6 +177,7 @@ class TrendSpikeDetector(BaseDetector):
         self._tail = RollingQuantiles(tail_window)
 
         self._pending: list[tuple[float, float, float]] = []
+        self._candidate: list[float] | None = None  # a large row awaiting its confirmation
         self._last: deque[float] = deque(maxlen=persist)
         self._incident = False
         self._incident_rows = 0
@@ -274,8 +285,17 @@ class TrendSpikeDetector(BaseDetector):
                 self._floor_rows = self.slope_window
             return []
 
-        if r >= large:
+        candidate, self._candidate = self._candidate, None
+        if candidate is not None and r >= self.k_confirm * sigma:  # the next row is still high
+            c_step, c_v, _, c_r, _, c_sigma = candidate
+            what = (f"{self.metric}={c_v:.4g} at step {int(c_step)} was {math.expm1(c_r):+.0%} "
+                    f"vs trend ({c_r / c_sigma:.1f} sigma) and {v:.4g} is still "
+                    f"{r / sigma:.1f} sigma above it (large, confirmed)")
+            return [self._fire(step, v, pred, c_r, lo, c_sigma, "", message=what)]
+        if r >= large and r >= max(self.k_single * sigma, self.log_large):
             return [self._fire(step, v, pred, r, large, sigma, "large")]
+        if r >= large:  # a lone row this high may be a heavy-tailed noise row: wait one row
+            self._candidate = [float(step), v, pred, r, large, sigma]
         self._last.append(r)
         if len(self._last) == self.persist:
             mid = median(self._last)
@@ -292,8 +312,10 @@ class TrendSpikeDetector(BaseDetector):
         return []
 
     def _fire(
-        self, step: int, v: float, pred: float, r: float, need: float, sigma: float, rule: str
+        self, step: int, v: float, pred: float, r: float, need: float, sigma: float, rule: str,
+        message: str = "",
     ) -> Event:
+        self._candidate = None
         self._incident = True
         self._incident_rows = 0
         self._quiet = 0
@@ -310,8 +332,8 @@ class TrendSpikeDetector(BaseDetector):
             score=r / sigma,
             severity="warn",
             kind="spike",
-            message=f"{self.metric}={v:.4g} is {math.expm1(r):+.0%} vs trend {trend:.4g} "
-            f"({rule}, {r / sigma:.1f} sigma)",
+            message=message or f"{self.metric}={v:.4g} is {math.expm1(r):+.0%} vs trend "
+            f"{trend:.4g} ({rule}, {r / sigma:.1f} sigma)",
         )
 
     # --- state ---------------------------------------------------------------------------
@@ -327,6 +349,7 @@ class TrendSpikeDetector(BaseDetector):
 
             "frozen": self._frozen,
             "pending": [list(p) for p in self._pending],
+            "candidate": self._candidate,
             "last": list(self._last),
             "incident": self._incident,
             "incident_rows": self._incident_rows,
@@ -348,6 +371,8 @@ class TrendSpikeDetector(BaseDetector):
         self._frozen = bool(state.get("frozen", False))
 
         self._pending = [tuple(p) for p in state["pending"]]
+        cand = state.get("candidate")
+        self._candidate = None if cand is None else [float(c) for c in cand]
         self._last = deque((float(r) for r in state["last"]), maxlen=self.persist)
         self._incident = bool(state["incident"])
         self._incident_rows = int(state["incident_rows"])

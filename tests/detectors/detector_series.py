@@ -31,6 +31,18 @@ def falling_loss(n: int = 600, seed: int = 0, noise: float = 0.01) -> list[dict[
     return rows
 
 
+def heavy_tailed_loss(n: int = 3000, seed: int = 0, noise: float = 0.005) -> list[dict[str, Any]]:
+    """The falling curve with Laplace noise (standard deviation ``noise``, log units): rows
+    7-8 sigmas out happen every few thousand rows, as in runs with frequent hard batches."""
+    rng = random.Random(seed)
+    rows = []
+    for t in range(n):
+        trend = 2.5 + 8.3 * (1 + t / 8) ** -0.7
+        e = rng.expovariate(1.0) * (1 if rng.random() < 0.5 else -1) / math.sqrt(2.0)
+        rows.append({"step": t, "loss": trend * math.exp(noise * e)})
+    return rows
+
+
 def run(detector: Any, rows: list[dict[str, Any]]) -> list[Any]:
     """Feed rows; all events."""
     out = []

@@ -122,3 +122,70 @@ def test_real_trace_folder_and_command_line(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "[default]" in text and "loss_spike" in text and "synthetic-heldout" in text
     assert "default" in json.loads(out.read_text())["synthetic-heldout"]["sets"]
+
+
+def _fake_run(root, subdir, seed=1, on_spike="alert", status="completed", loss=None):
+    import yaml
+
+    run = root / subdir
+    run.mkdir(parents=True)
+    config = {"recipe": subdir.split("-")[0], "optim": {"lr": 0.3}, "trainer": {"seed": seed},
+              "actions": {"on_spike": on_spike}, "model": {"hidden_size": 128}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    loss = loss or [7.6 * 0.99**i for i in range(30)]
+    with (run / "metrics.jsonl").open("w") as f:
+        for i, v in enumerate(loss):
+            f.write(json.dumps({"step": i + 1, "loss": v, "grad_norm": 1.0, "mfu": 0.5,
+                                "attn_logit_max": 1.234567891, "tokens": 1024}) + "\n")
+    if status is not None:
+        (run / "summary.json").write_text(json.dumps({"status": status, "steps": len(loss)}))
+
+
+def test_real_studies_import_selects_by_config_and_labels_by_the_rule(tmp_path):
+    from benchmarks.detectors.real_studies import import_runs, label_counts
+
+    root = tmp_path / "studies"
+    blow = [7.6, 7.2, 6.8, 6.5, 6.2, 6.0, 5.9, 5.8, 5.8, 5.7, 6.2, 6.9, 7.4, 7.9, 8.3, 8.6, 8.8]
+    _fake_run(root, "gpt-study/aaa", loss=blow)
+    _fake_run(root, "llama2-study/bbb")
+    _fake_run(root, "gpt-study/ccc", seed=2)  # another seed: not in the subset
+    _fake_run(root, "gpt-study/ddd", on_spike="rollback")  # changes its own curve
+    _fake_run(root, "gpt-study/eee", status=None)  # still running
+    _fake_run(root, "gpt-study/fff", status="crashed")
+    (root / ".plans").mkdir()
+    plan = {"studies": {"gpt_vs_llama2": {"gpt-study/aaa": {"part": "separating",
+                                                            "overrides": ["optim.lr=0.3"]}}}}
+    (root / ".plans" / "cpu-x.json").write_text(json.dumps(plan))
+    out = tmp_path / "family"
+    res = import_runs(root, out)
+    assert sorted(res["labels"]) == ["runs/gpt_vs_llama2-gpt-study-aaa.jsonl",
+                                     "runs/unplanned-llama2-study-bbb.jsonl"]
+    assert res["skipped"] == {"seed": 1, "actions.on_spike=rollback": 1, "unfinished": 1,
+                              "status crashed": 1}
+    prov = json.loads((out / "provenance.json").read_text())
+    aaa = prov["runs/gpt_vs_llama2-gpt-study-aaa.jsonl"]
+    assert aaa["source"] == "gpt-study/aaa" and aaa["studies"][0]["part"] == "separating"
+    assert aaa["config"]["lr"] == 0.3 and aaa["config"]["seed"] == 1
+    rows = list(read_metrics(out / "runs/gpt_vs_llama2-gpt-study-aaa.jsonl"))
+    assert set(rows[0]) <= set(COLUMNS) and rows[0]["attn_logit_max"] == 1.23457
+    labels = json.loads((out / "labels.json").read_text())
+    (inc,) = labels["runs/gpt_vs_llama2-gpt-study-aaa.jsonl"]["incidents"]
+    assert inc["shape"] == "blow-up" and inc == label_run(rows)["incidents"][0]
+    assert label_counts(labels) == {"blow-up": 1, "calm": 1, "runs": 2}
+    assert load_real(out, "studies")[0].incidents[0].cross == inc["cross"]
+
+
+def test_real_studies_labels_come_from_the_written_rule():
+    from benchmarks.detectors.real_studies import SEEDS, STUDIES_DIR
+
+    if not (STUDIES_DIR / "labels.json").exists():
+        return
+    labels = json.loads((STUDIES_DIR / "labels.json").read_text())
+    prov = json.loads((STUDIES_DIR / "provenance.json").read_text())
+    assert set(labels) == set(prov) and {v["split"] for v in labels.values()} == {"studies"}
+    for name, lab in labels.items():
+        rows = list(read_metrics(STUDIES_DIR / name))
+        assert set(rows[0]) <= set(COLUMNS) and len(rows) == prov[name]["rows"]
+        assert label_run(rows)["incidents"] == lab["incidents"], name
+        assert prov[name]["config"]["on_spike"] == "alert"
+        assert prov[name]["config"]["seed"] in SEEDS

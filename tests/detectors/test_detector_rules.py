@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from detector_series import ROOT, falling_loss, run
+from detector_series import ROOT, falling_loss, heavy_tailed_loss, run
 
 from stability.detectors import (
     DEFAULT_DETECTORS,
@@ -78,6 +78,29 @@ def test_loss_spike_thresholds_scale_with_the_noise():
     assert run(floored, quiet) == []
 
 
+def test_loss_spike_is_quiet_on_heavy_tailed_noise():
+    # Laplace noise: a row 7 sigmas out every ~20k rows; a lone one is noise, not a spike
+    events = [e for seed in range(24)
+              for e in run(build_detectors(["loss_spike"])[0], heavy_tailed_loss(3000, seed))]
+    assert events == []
+
+
+def test_loss_spike_confirms_a_moderately_large_row_on_the_next_one():
+    base = falling_loss(500, noise=0.005)
+    # ~9 sigmas on one row, back to the trend on the next: a hard batch
+    assert run(build_detectors(["loss_spike"])[0], spiked(base, 300, 1.05)) == []
+    # the same row, and the next still 3 sigmas up: a spike, flagged one row later
+    rows = spiked(spiked(base, 300, 1.05), 301, 1.015)
+    (ev,) = run(build_detectors(["loss_spike"])[0], rows)
+    assert ev.step == 301 and "confirmed" in ev.message and ev.score > 7
+    # the next row only ~2.5 sigmas up: what a noise row next to a hard batch does
+    assert run(build_detectors(["loss_spike"])[0], spiked(spiked(base, 300, 1.05), 301, 1.012)
+               ) == []
+    # ~14 sigmas on one row: at once, whatever comes next
+    assert [e.step for e in run(build_detectors(["loss_spike"])[0], spiked(base, 300, 1.07))
+            ] == [300]
+
+
 def test_loss_spike_ignores_a_single_hard_batch():
     rows = spiked(falling_loss(500), 300, 1.04)  # 4 sigmas of a 1% noise
     assert run(build_detectors(["loss_spike"])[0], rows) == []
@@ -95,6 +118,21 @@ def test_loss_rebound_catches_an_early_blow_up_before_the_loss_passes_init():
     # the trend detector has not got its history that early in some runs: rows from step 0
     # without a trend detector still warn; and a normal fall never does
     assert run(build_detectors(["loss_rebound"])[0], falling_loss(120, seed=3)) == []
+
+
+def test_loss_rebound_flags_a_run_unstable_from_the_start_within_two_rows():
+    # no warm-up at a high LR: the loss jumps above its value at init from the third row
+    # (a real Llama2 run at LR 0.1), before 12 rows have measured the noise
+    loss = [9.03, 8.92, 10.8, 10.7, 10.5, 10.3, 9.63, 9.56, 8.76, 9.36, 9.33, 9.12, 8.35, 8.34]
+    loss += [8.2 - 0.02 * i for i in range(30)]
+    rows = [{"step": i + 1, "loss": v} for i, v in enumerate(loss)]
+    events = run(build_detectors(["loss_rebound"])[0], rows)
+    assert [e.step for e in events] == [5] and "above its value at init" in events[0].message
+    # a noisy first stretch that stays around the loss at init is not one
+    calm = [9.0, 8.72, 8.59, 8.97, 8.47, 9.11, 8.18, 8.26, 8.25, 8.6, 8.42, 8.61, 8.33, 8.22]
+    calm += [8.1 - 0.02 * i for i in range(30)]
+    assert run(build_detectors(["loss_rebound"])[0],
+               [{"step": i + 1, "loss": v} for i, v in enumerate(calm)]) == []
 
 
 def test_update_ratio_above_one_fires_on_the_first_row():
@@ -182,6 +220,19 @@ def test_leading_detectors_fire_on_fast_growth_before_the_loss_moves(name, key):
     lead = run(build_detectors([name])[0], rows)
     loss = run(build_detectors(["loss_spike"])[0], rows)
     assert lead and lead[0].kind == "leading" and 405 <= lead[0].step < loss[0].step == 420
+
+
+def test_attention_logits_high_from_the_first_steps_are_no_alarm():
+    # a run that trains, at a high LR: its max attention logit grows x10^5 in 20 steps and
+    # stays in the thousands (the level depends on the init scale and the LR, not on health)
+    rows = falling_loss(300)
+    for r in rows:
+        r["attn_logit_max"] = 0.01 * 5e5 ** min(1.0, r["step"] / 20) * (1 + 0.02 * (r["step"] % 3))
+    assert run(build_detectors(["attn_logit_growth"])[0], rows) == []
+    # an absolute ceiling can still be asked for
+    (det,) = build_detectors(["attn_logit_growth"], {"attn_logit_growth": {"ceiling": 1000}})
+    cross = next(r["step"] for r in rows if r["attn_logit_max"] >= 1000)
+    assert [(e.step, e.threshold) for e in run(det, rows)] == [(cross, 1000)] and cross < 20
 
 
 def test_leading_jump_fires_on_one_row():

@@ -1,0 +1,179 @@
+"""The ``real-studies`` family: the project's paper-study runs, compacted and labelled.
+
+``python -m benchmarks.detectors.real_studies import RUNS_ROOT`` reads the run directories of a
+``python -m analysis.regenerate`` at CPU scale (``RUNS_ROOT/<recipe>-<size>/<hash>/``, with
+``config.yaml``, ``metrics.jsonl`` and ``summary.json``; the study of each run from the plans
+under ``RUNS_ROOT/.plans/``), keeps a subset chosen by configuration alone (:func:`selected`),
+compacts each run to the detectors' columns (:func:`benchmarks.detectors.real_runs.compact`),
+and labels it from its loss curve by the rule of ``real/README.md``
+(:func:`benchmarks.detectors.real_runs.label_run`), unchanged. It writes
+``real/studies/runs/<name>.jsonl``, ``real/studies/labels.json`` and
+``real/studies/provenance.json`` (study, part, overrides, a config summary and the source run
+directory of every trace). It never reads a run's ``events.jsonl`` and never runs a detector:
+the labels exist before any detector sees these traces (the family is held out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from benchmarks.detectors.real_runs import REAL_DIR, compact, label_run
+
+STUDIES_DIR = REAL_DIR / "studies"
+SPLIT = "studies"
+
+SEEDS = (1,)
+"""The subset: every finished run of every study whose ``trainer.seed`` is in here. All seeds of
+all studies (~200 runs of 400 steps) would be ~11 MB; seed 1 keeps every configuration once."""
+
+FINISHED = ("completed", "diverged", "stopped")
+"""Run statuses that are a result (``stability.runfiles.FINISHED``): crashed or preempted runs
+are incomplete curves and are left out."""
+
+SUMMARY_KEYS = {
+    "recipe": "recipe", "size": "size", "lr": "optim.lr", "warmup": "optim.warmup_steps",
+    "clip": "optim.clip_grad", "wd": "optim.weight_decay",
+    "wd_lr_indep": "optim.weight_decay_lr_independent", "eps": "optim.eps",
+    "hidden": "model.hidden_size", "layers": "model.num_layers", "norm": "model.norm_type",
+    "norm_pos": "model.norm_position", "qk_ln": "model.qk_layernorm",
+    "init_std": "model.init_std", "scaled_emb": "model.scaled_embedding",
+    "emb_ln": "model.embedding_layernorm", "z_loss": "loss.z_loss", "loss_scale": "loss.scale",
+    "tokenizer": "data.tokenizer", "steps": "trainer.train_steps", "seed": "trainer.seed",
+    "on_spike": "actions.on_spike", "fault_at": "fault.at_step",
+}
+"""Config summary recorded per trace: short name -> dotted key."""
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def study_map(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Run directory (relative) -> the studies that use it, from every plan under
+    ``root/.plans/`` (``{"study", "part", "overrides"}``, in the paper's order)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted((root / ".plans").glob("*.json")):
+        plan = json.loads(path.read_text())
+        for study, dirs in plan["studies"].items():
+            for subdir, info in dirs.items():
+                entry = {"study": study, "part": info["part"], "overrides": info["overrides"]}
+                if entry not in out.setdefault(subdir, []):
+                    out[subdir].append(entry)
+    return out
+
+
+def selected(config: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether a run belongs to the family, from its config alone, and why not.
+
+    Left out: runs whose spike policy acts on the run (``actions.on_spike`` other than
+    ``alert``: rollbacks and skipped steps change the curve they are judged on), and seeds not
+    in :data:`SEEDS`.
+    """
+    policy = _get(config, "actions.on_spike")
+    if policy != "alert":
+        return False, f"actions.on_spike={policy}"
+    if _get(config, "trainer.seed") not in SEEDS:
+        return False, "seed"
+    return True, ""
+
+
+def trace_name(subdir: str, studies: list[dict[str, Any]]) -> str:
+    """``<first study>-<recipe>-<size>-<hash>``: readable, unique by the hash."""
+    group, run_hash = subdir.split("/")
+    first = studies[0]["study"] if studies else "unplanned"
+    return f"{first}-{group}-{run_hash}"
+
+
+def import_runs(root: Path, out: Path = STUDIES_DIR) -> dict[str, Any]:
+    """Compact and label the selected finished runs under ``root``; write the family."""
+    import yaml
+
+    from stability.detectors import read_metrics
+
+    studies = study_map(root)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    labels: dict[str, Any] = {}
+    provenance: dict[str, Any] = {}
+    skipped: Counter[str] = Counter()
+    for run in sorted(p.parent for p in root.glob("*/*/config.yaml")):
+        subdir = f"{run.parent.name}/{run.name}"
+        summary_path = run / "summary.json"
+        if not summary_path.is_file():
+            skipped["unfinished"] += 1
+            continue
+        summary = json.loads(summary_path.read_text())
+        if summary.get("status") not in FINISHED:
+            skipped[f"status {summary.get('status')}"] += 1
+            continue
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        ok, why = selected(config)
+        if not ok:
+            skipped[why] += 1
+            continue
+        rows = compact(list(read_metrics(run / "metrics.jsonl")))
+        name = trace_name(subdir, studies.get(subdir, []))
+        key = f"runs/{name}.jsonl"
+        with (runs_dir / f"{name}.jsonl").open("w") as f:
+            for r in rows:
+                f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        lab = label_run(rows)
+        lab["split"] = SPLIT
+        labels[key] = lab
+        provenance[key] = {
+            "source": subdir,
+            "studies": studies.get(subdir, []),
+            "status": summary.get("status"),
+            "steps": summary.get("steps"),
+            "rows": len(rows),
+            "config": {k: _get(config, d) for k, d in SUMMARY_KEYS.items()},
+        }
+    (out / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True) + "\n")
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
+    return {"labels": labels, "provenance": provenance, "skipped": dict(skipped)}
+
+
+def label_counts(labels: Mapping[str, Any]) -> dict[str, int]:
+    """Runs per label: ``calm`` and each incident shape (a run may have several)."""
+    c: Counter[str] = Counter()
+    for lab in labels.values():
+        shapes = [d["shape"] for d in lab["incidents"]]
+        c.update(shapes or ["calm"])
+    c["runs"] = len(labels)
+    return dict(sorted(c.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.detectors.real_studies",
+                                description=__doc__)
+    p.add_argument("command", choices=["import", "counts"])
+    p.add_argument("root", nargs="?", type=Path, help="runs root of a CPU-scale regenerate")
+    a = p.parse_args(argv)
+    if a.command == "import":
+        if a.root is None:
+            p.error("import needs RUNS_ROOT")
+        res = import_runs(a.root)
+        for key, lab in sorted(res["labels"].items()):
+            kinds = ", ".join(f"{d['shape']}@{d['onset']}" for d in lab["incidents"]) or "calm"
+            print(f"{key}: {kinds}")
+        print("skipped:", res["skipped"])
+        labels = res["labels"]
+    else:
+        labels = json.loads((STUDIES_DIR / "labels.json").read_text())
+    print("label counts:", label_counts(labels))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
