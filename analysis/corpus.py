@@ -16,9 +16,14 @@ bigram with that unigram (no parameter tuned on the held-out text).
 from __future__ import annotations
 
 import functools
+import hashlib
+import inspect
+import json
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,58 @@ def split_bounds(num_documents: int, split: str = "969,30,1") -> list[tuple[int,
             for a, b in zip(edges, edges[1:], strict=False)]
 
 
+def cache_dir() -> Path:
+    """Where computed levels are kept between processes: ``$STABILITY_CACHE``, else
+    ``$XDG_CACHE_HOME/stability``, else ``~/.cache/stability``."""
+    if os.environ.get("STABILITY_CACHE"):
+        return Path(os.environ["STABILITY_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "stability"
+
+
+def _levels_key(tokenizer_path: Path, split: str) -> str:
+    """What the levels depend on: the corpus's and the tokenizer's bytes, the split, and the
+    code that counts (so a change to the smoothing is never served from an old cache)."""
+    from stability.data.sample import SAMPLE_CORPUS
+
+    h = hashlib.sha256()
+    code = inspect.getsource(ngram_losses) + inspect.getsource(split_bounds)
+    for part in (SAMPLE_CORPUS.read_bytes(), tokenizer_path.read_bytes(), split.encode(),
+                 code.encode()):
+        h.update(hashlib.sha256(part).digest())
+    return h.hexdigest()[:20]
+
+
 @functools.lru_cache(maxsize=4)
 def sample_levels(tokenizer: str = "sample-2k", split: str = "969,30,1") -> Levels:
-    """The n-gram levels of a shipped tokenizer (``data.tokenizer`` name) on the sample corpus
-    (a few seconds: the corpus is tokenized once per process)."""
+    """The n-gram levels of a shipped tokenizer (``data.tokenizer`` name) on the sample corpus.
+
+    Counting takes ~5 s (the corpus is tokenized and every pair counted), so the result is kept
+    in :func:`cache_dir` under a key of everything it depends on (:func:`_levels_key`);
+    ``regenerate`` then redraws every figure in seconds. A cache that cannot be written is not an
+    error.
+    """
+    from stability.data.tokenizer import tokenizer_file
+
+    path = tokenizer_file(tokenizer)
+    cached = cache_dir() / "levels" / f"{_levels_key(path, split)}.json"
+    try:
+        return Levels(**json.loads(cached.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    levels = compute_levels(tokenizer, split)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(levels.to_json()))
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return levels
+
+
+def compute_levels(tokenizer: str = "sample-2k", split: str = "969,30,1") -> Levels:
+    """:func:`sample_levels` without the cache: tokenize the corpus and count."""
     from stability.data.sample import iter_sample_documents
     from stability.data.tokenizer import Tokenizer, tokenizer_file
 

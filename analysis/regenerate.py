@@ -181,9 +181,8 @@ def train(plan: S.Plan, todo: Sequence[str], root: Path, launcher: Sequence[str]
 # --- drawing --------------------------------------------------------------------------------
 
 
-def load_dirs(root: Path, dirs: Sequence[str]):
-    """Load the given run directories (relative to root) into one :class:`RunData`; run ids
-    are the relative paths."""
+def _read_dirs(root: Path, dirs: Sequence[str]) -> tuple[list, list, list]:
+    """(rows, metric frames, events) of the run directories that have a config and metrics."""
     from analysis import runs as R
     from analysis.metrics import FINAL_K, MERGE_GAP
 
@@ -198,7 +197,23 @@ def load_dirs(root: Path, dirs: Sequence[str]):
             rows.append(row)
             frames.append(frame)
             events.extend(evs)
-    return R._tables(rows, frames, events)
+    return rows, frames, events
+
+
+def load_dirs(root: Path, dirs: Sequence[str], jobs: int = 1):
+    """Load the given run directories (relative to root) into one :class:`RunData`; run ids
+    are the relative paths. ``jobs`` forked processes parse the JSON lines (most of the time),
+    each a share of the directories, in the order given."""
+    from analysis import runs as R
+
+    dirs = list(dirs)
+    jobs = max(1, min(jobs, len(dirs) // 8))  # forking costs more than parsing a few runs
+    if jobs == 1 or "fork" not in mp.get_all_start_methods():
+        return R._tables(*_read_dirs(root, dirs))
+    chunks = [dirs[i * len(dirs) // jobs:(i + 1) * len(dirs) // jobs] for i in range(jobs)]
+    with mp.get_context("fork").Pool(jobs) as pool:
+        parts = pool.starmap(_read_dirs, [(root, c) for c in chunks])
+    return R._tables(*([x for part in parts for x in part[k]] for k in range(3)))
 
 
 def draw(name: str, plan: S.Plan, data: Any, root: Path, out: Path) -> dict:
@@ -344,7 +359,7 @@ def draw_all(names: Sequence[str], plan: S.Plan, root: Path, out: Path, fps: dic
              jobs: int) -> list[tuple[str, str]]:
     """Load the runs of the figures once, then draw them in ``jobs`` forked processes."""
     dirs = list(dict.fromkeys(d for n in names for d in plan.studies[n]))
-    data = load_dirs(root, dirs)
+    data = load_dirs(root, dirs, jobs)
     have = set(data.runs["run_id"]) if len(data.runs) else set()
     results = [(n, "error: no runs") for n in names if not have & set(plan.studies[n])]
     names = [n for n in names if have & set(plan.studies[n])]

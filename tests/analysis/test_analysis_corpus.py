@@ -3,6 +3,7 @@ n-gram levels are the smoothed models' cross-entropies."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -46,9 +47,21 @@ def test_ngram_losses_by_hand():
     assert bi == pytest.approx(want)
 
 
-def test_the_shipped_2k_tokenizer_levels():
-    """The calibration's levels (docs/findings.md): unigram ~6.33, bigram ~3.79 nats/token."""
+def test_the_shipped_2k_tokenizer_levels(tmp_path, monkeypatch):
+    """The calibration's levels (docs/findings.md): unigram ~6.33, bigram ~3.79 nats/token;
+    counted once, then served from the on-disk cache with the same numbers, and recounted when
+    the cached file is unreadable."""
+    monkeypatch.setenv("STABILITY_CACHE", str(tmp_path))
+    corpus.sample_levels.cache_clear()
     levels = corpus.sample_levels("sample-2k")
+    (cached,) = (tmp_path / "levels").glob("*.json")
+    corpus.sample_levels.cache_clear()
+    cached.write_text(json.dumps({**levels.to_json(), "unigram": 1.5}))
+    assert corpus.sample_levels("sample-2k").unigram == 1.5  # the cache is what is read
+    corpus.sample_levels.cache_clear()
+    cached.write_text("{not json")
+    assert corpus.sample_levels("sample-2k") == levels
+    corpus.sample_levels.cache_clear()
     assert levels.vocab_size == 2048
     assert 6.2 < levels.unigram < 6.45 and 3.6 < levels.bigram < 3.95
     assert levels.bigram < levels.unigram < math.log(levels.vocab_size)

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from analysis import regenerate as R
@@ -303,6 +304,14 @@ def grid_runs(tmp_path, make_run, make_event):
 def _plan(name: str, info: dict) -> S.Plan:
     jobs = {d: S.Job(tuple(v["overrides"]), d, 40, 1.0) for d, v in info.items()}
     return S.Plan("cpu", jobs, {name: info})
+
+
+def test_loading_in_two_processes_gives_the_same_tables(grid_runs):
+    root, info = grid_runs
+    one, two = R.load_dirs(root, list(info), jobs=1), R.load_dirs(root, list(info), jobs=2)
+    assert len(one.runs) == 18 and len(one.events) > 0
+    for a, b in ((one.runs, two.runs), (one.metrics, two.metrics), (one.events, two.events)):
+        pd.testing.assert_frame_equal(a, b)
 
 
 def test_figure_json_numbers_are_recomputable_from_its_runs(grid_runs, tmp_path):
