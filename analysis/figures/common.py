@@ -457,16 +457,18 @@ def lr_ticks(ax, lrs: Sequence[float], which: str = "x") -> None:
 def level_lines(ax, runs: pd.DataFrame, which: str = "y") -> None:
     """The corpus's unigram (dotted) and bigram (dashed) levels, labelled in the axes."""
     lv = levels(runs)
-    for key, style_, text in (("unigram", ":", "unigram level"), ("bigram", "--",
-                                                                  "bigram level")):
+    # the unigram label under its line, the bigram's over it: the bigram level is usually
+    # near the bottom of the axes, and a label under it would sit on the x axis
+    for key, style_, text, dy in (("unigram", ":", "unigram level", -2),
+                                  ("bigram", "--", "bigram level", 2)):
         y = lv[key]
         if not math.isfinite(y):
             continue
         if which == "y":
             ax.axhline(y, color="0.5", linestyle=style_, linewidth=0.8, zorder=1)
-            ax.annotate(text, (0.01, y), xycoords=("axes fraction", "data"), xytext=(0, -2),
-                        textcoords="offset points", va="top", fontsize=6, color="0.4",
-                        annotation_clip=True)
+            ax.annotate(text, (0.01, y), xycoords=("axes fraction", "data"), xytext=(0, dy),
+                        textcoords="offset points", va="top" if dy < 0 else "bottom",
+                        fontsize=6, color="0.4", annotation_clip=True)
         else:
             ax.axvline(y, color="0.5", linestyle=style_, linewidth=0.8, zorder=1)
             ax.annotate(text, (y, 0.01), xycoords=("data", "axes fraction"), xytext=(2, 0),
