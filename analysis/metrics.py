@@ -340,15 +340,17 @@ def held_out(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
     """Each run's loss for grid metrics and the level it is capped at.
 
     Where the corpus's unigram level is known: the held-out loss, capped at the unigram level
-    (a diverged run that never reached its evaluation counts as infinite, so capped there too).
-    Elsewhere (other data): the final training loss, capped at the loss at init.
+    (a run that never reached its evaluation because it diverged, or because a spike policy
+    stopped it, counts as infinite, so capped there too). Elsewhere (other data): the final
+    training loss, capped at the loss at init.
     """
     value = runs["final_loss"].astype(float)
     cap = runs["loss_at_init"].astype(float)
     if "eval_loss" in runs and "unigram" in runs:
         known = runs["unigram"].notna()
         held = runs["eval_loss"].astype(float)
-        died = held.isna() & runs["diverged"].astype(bool)
+        gave_up = runs["status"].eq("stopped") if "status" in runs else False
+        died = held.isna() & (runs["diverged"].astype(bool) | gave_up)
         held = held.where(~died, np.inf).fillna(value)
         value = value.where(~known, held)
         cap = cap.where(~known, runs["unigram"].astype(float))

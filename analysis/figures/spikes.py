@@ -51,6 +51,7 @@ def spike_timeline(data, scale: str) -> C.FigureResult:
     """Columns: an injected-fault run (seed 1) and, if the study has one, a run without a fault
     (a genuinely unstable one). Numbers: detection delay and false alarms over seeds."""
     runs = C.with_columns(data.runs)
+    runs["variant"] = runs["recipe"].astype(str)  # the arm of the levels' check: the recipe
     runs["fault_step"] = [_fault_step(r) for _, r in runs.iterrows()]
     faulty = runs[runs["fault_step"].notna()].sort_values("seed")
     genuine = runs[runs["fault_step"].isna()].sort_values(["lr", "seed"])
@@ -127,7 +128,6 @@ def spike_timeline(data, scale: str) -> C.FigureResult:
                     + "; ".join(", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in inc)
                                 or "none"
                                 for inc in numbers["genuine_incidents"].values()) + ".")
-    runs["variant"] = runs["recipe"].astype(str)
     return C.FigureResult(fig, verdict, finding, numbers, per_run, {
         "spike_incidents": C.DEFINITIONS["spike_incidents"],
         "detection_delay": "first event step at or after the fault step, minus the fault step",
@@ -162,7 +162,13 @@ def spike_recovery(data, scale: str) -> C.FigureResult:
                "skipped_steps": C.by_variant(runs, "skipped_steps", order),
                "rollbacks": C.by_variant(runs, "rollbacks", order),
                "diverged_runs": {p: "{}/{}".format(int(g["diverged"].sum()), len(g))
-                                 for p in order for g in [runs[runs["variant"] == p]]}}
+                                 for p in order for g in [runs[runs["variant"] == p]]},
+               # a policy that gives up (rollback after actions.max_rollbacks) stops the run
+               # before its end: no held-out loss, counted at the unigram level
+               "stopped_runs": {p: "{}/{}".format(int((g["status"] == "stopped").sum()), len(g))
+                                for p in order for g in [runs[runs["variant"] == p]]},
+               "stopped_at_step": {p: [int(x) for x in g.loc[g["status"] == "stopped", "steps"]]
+                                   for p in order for g in [runs[runs["variant"] == p]]}}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=style.figsize("double", 0.36),
                                  gridspec_kw={"width_ratios": [1.6, 0.8]})
     C.plot_curves(a1, data.metrics, runs, "loss", order, colors)
@@ -179,7 +185,10 @@ def spike_recovery(data, scale: str) -> C.FigureResult:
                     "thin: seeds, thick: median")
     e = numbers["eval_loss_capped"]
     finding = (f"LR {numbers['lr']:g}, {numbers['steps']} steps: held-out loss (capped) "
-               + ", ".join(f"{p} {C.fmt(e[p])} ({numbers['diverged_runs'][p]} diverged)"
+               + ", ".join(f"{p} {C.fmt(e[p])} ({numbers['diverged_runs'][p]} diverged"
+                           + (f", {numbers['stopped_runs'][p]} stopped by the policy at steps "
+                              + ", ".join(map(str, numbers["stopped_at_step"][p]))
+                              if numbers["stopped_at_step"][p] else "") + ")"
                            for p in order)
                + "; skipped steps per run " + ", ".join(
                    f"{p} {C.fmt(numbers['skipped_steps'][p], 0)}" for p in order)

@@ -91,6 +91,17 @@ def test_grid_uses_the_held_out_loss_capped_at_the_unigram_level() -> None:
     assert per.loc[1, "stable_censored"] == ">="  # nothing diverged: the onset is above
 
 
+def test_a_run_a_spike_policy_stopped_counts_at_the_unigram_level_not_its_training_loss():
+    """A rollback policy that gives up stops the run before its evaluation: its training loss
+    (6.0, below the unigram level) must not stand in for a held-out loss it never had."""
+    runs = pd.DataFrame({
+        "eval_loss": [5.0, math.nan, math.nan], "unigram": [6.3] * 3,
+        "final_loss": [5.1, 6.0, 6.1], "loss_at_init": [7.6] * 3,
+        "diverged": [False, False, False], "status": ["completed", "stopped", "running"]})
+    held, cap = M.held_out(runs)
+    assert held.tolist()[:2] == [5.0, math.inf] and cap.tolist() == [6.3] * 3
+
+
 def test_diverged_by_held_out_loss() -> None:
     assert M.is_diverged([7.0, 5.0], eval_loss=6.5, unigram=6.3)  # learned less than unigram
     assert not M.is_diverged([7.0, 9.0], eval_loss=6.0, unigram=6.3)

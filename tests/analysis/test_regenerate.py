@@ -240,6 +240,9 @@ def recompute(figure_json: Path, from_runs: bool = True) -> None:
     if numbers.get("lr_sensitivity") and any(len(g) > 1 for g in grids.values()):
         assert checked, "no LR sensitivity could be recomputed"
     for name, arm in obj["arms"].items():
+        if name not in best:  # no run of the arm reached its evaluation (stopped, diverged)
+            assert arm["best_eval_loss"] is None, name
+            continue
         assert arm["best_eval_loss"] == pytest.approx(best[name], rel=1e-9), name
     for key, test in obj["tests"].items():
         if test["verdict"] == "untestable at this scale":
