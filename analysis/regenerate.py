@@ -181,39 +181,12 @@ def train(plan: S.Plan, todo: Sequence[str], root: Path, launcher: Sequence[str]
 # --- drawing --------------------------------------------------------------------------------
 
 
-def _read_dirs(root: Path, dirs: Sequence[str]) -> tuple[list, list, list]:
-    """(rows, metric frames, events) of the run directories that have a config and metrics."""
-    from analysis import runs as R
-    from analysis.metrics import FINAL_K, MERGE_GAP
-
-    opts = {"vocab_size": None, "final_k": FINAL_K, "merge_gap": MERGE_GAP}
-    rows, frames, events = [], [], []
-    with R._gc_paused():
-        for d in dirs:
-            path = root / d
-            if not ((path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()):
-                continue
-            row, frame, evs = R._read_run(path, d, **opts)
-            rows.append(row)
-            frames.append(frame)
-            events.extend(evs)
-    return rows, frames, events
-
-
 def load_dirs(root: Path, dirs: Sequence[str], jobs: int = 1):
     """Load the given run directories (relative to root) into one :class:`RunData`; run ids
-    are the relative paths. ``jobs`` forked processes parse the JSON lines (most of the time),
-    each a share of the directories, in the order given."""
+    are the relative paths; ``jobs`` processes parse them (:func:`analysis.runs.read_runs`)."""
     from analysis import runs as R
 
-    dirs = list(dirs)
-    jobs = max(1, min(jobs, len(dirs) // 8))  # forking costs more than parsing a few runs
-    if jobs == 1 or "fork" not in mp.get_all_start_methods():
-        return R._tables(*_read_dirs(root, dirs))
-    chunks = [dirs[i * len(dirs) // jobs:(i + 1) * len(dirs) // jobs] for i in range(jobs)]
-    with mp.get_context("fork").Pool(jobs) as pool:
-        parts = pool.starmap(_read_dirs, [(root, c) for c in chunks])
-    return R._tables(*([x for part in parts for x in part[k]] for k in range(3)))
+    return R.read_runs(root, dirs, jobs=jobs)
 
 
 def draw(name: str, plan: S.Plan, data: Any, root: Path, out: Path) -> dict:

@@ -12,6 +12,7 @@ import gc
 import itertools
 import json
 import math
+import multiprocessing as mp
 import os
 import re
 import warnings
@@ -269,6 +270,7 @@ def load_runs(
     vocab_size: int | None = None,
     final_k: int = M.FINAL_K,
     merge_gap: int = M.MERGE_GAP,
+    jobs: int = 1,
 ) -> RunData:
     """Load every run directory under ``root`` (see :func:`find_runs`).
 
@@ -278,22 +280,50 @@ def load_runs(
             run's ``summary.json`` ``loss_at_init``, else its first finite logged loss.
         final_k: Logged records averaged into ``final_loss`` (:func:`metrics.final_loss`).
         merge_gap: Steps that separate two spike incidents in ``num_spikes``.
+        jobs: Processes that parse the files (:func:`read_runs`).
 
     Returns:
         The tables; ``run_id`` is the run's path relative to ``root`` (its name if it is root).
         Each run's metrics keep the last record of each step, in step order.
     """
     root = Path(root)
-    opts = {"vocab_size": vocab_size, "final_k": final_k, "merge_gap": merge_gap}
+    return read_runs(root, [d.relative_to(root).as_posix() for d in find_runs(root)],
+                     vocab_size=vocab_size, final_k=final_k, merge_gap=merge_gap, jobs=jobs)
+
+
+def read_runs(root: str | os.PathLike, dirs: Iterable[str], *, jobs: int = 1,
+              **opts: Any) -> RunData:
+    """Load the run directories ``dirs`` (paths relative to ``root``; those without
+    ``config.yaml`` and ``metrics.jsonl`` are left out) in the order given; ``run_id`` is the
+    relative path (the name of ``root`` for ``.``). ``opts``: those of :func:`load_runs`.
+
+    Parsing the JSON lines is most of the time, so ``jobs`` forked processes (where the platform
+    forks) each parse a share of the directories.
+    """
+    root, dirs = Path(root), list(dirs)
+    opts = {"vocab_size": None, "final_k": M.FINAL_K, "merge_gap": M.MERGE_GAP, **opts}
+    jobs = max(1, min(jobs, len(dirs) // 8))  # forking costs more than parsing a few runs
+    if jobs == 1 or "fork" not in mp.get_all_start_methods():
+        return _tables(*_read_dirs(root, dirs, opts))
+    chunks = [dirs[i * len(dirs) // jobs:(i + 1) * len(dirs) // jobs] for i in range(jobs)]
+    with mp.get_context("fork").Pool(jobs) as pool:
+        parts = pool.starmap(_read_dirs, [(root, chunk, opts) for chunk in chunks])
+    return _tables(*([x for part in parts for x in part[k]] for k in range(3)))
+
+
+def _read_dirs(root: Path, dirs: list[str], opts: dict[str, Any]) -> tuple[list, list, list]:
+    """(rows, metric frames, events) of the run directories (relative to root) that exist."""
     rows, frames, events = [], [], []
     with _gc_paused():
-        for run_dir in find_runs(root):
-            rel = run_dir.relative_to(root).as_posix()
+        for rel in dirs:
+            run_dir = root / rel
+            if not ((run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file()):
+                continue
             row, frame, evs = _read_run(run_dir, run_dir.name if rel == "." else rel, **opts)
             rows.append(row)
             frames.append(frame)
             events.extend(evs)
-    return _tables(rows, frames, events)
+    return rows, frames, events
 
 
 def load_run(run_dir: str | os.PathLike, **kwargs: Any) -> RunData:
