@@ -502,6 +502,26 @@ def plot_curves(ax, metrics: pd.DataFrame, runs: pd.DataFrame, key: str,
     ax.set_xlabel(style.label("step"))
 
 
+def curve_panel(ax, metrics: pd.DataFrame, runs: pd.DataFrame, key: str,
+                order: Sequence[str], colors: Mapping[str, str], ylabel: str, title: str, *,
+                log: bool = False, smooth: int = 1) -> None:
+    """A panel of :func:`plot_curves`: labelled, titled, on a log axis if ``log``."""
+    plot_curves(ax, metrics, runs, key, order, colors, smooth=smooth)
+    if log:
+        log_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, loc="left", fontsize=7)
+
+
+def held_out_panel(ax, runs: pd.DataFrame, order: Sequence[str], colors: Mapping[str, str],
+                   held: pd.DataFrame | None, title: str) -> None:
+    """Bars of the capped held-out loss (column ``c``) with the corpus levels."""
+    bars(ax, runs, "c", order, colors, held)
+    level_lines(ax, runs)
+    ax.set_ylabel(style.label("eval_loss"))
+    ax.set_title(title, loc="left", fontsize=7)
+
+
 def figure_legend(fig, ax, title: str | None = None, ncol: int | None = None) -> None:
     """One legend above all panels (call after ``tight_layout``; saving crops to fit it)."""
     handles, labels = ax.get_legend_handles_labels()

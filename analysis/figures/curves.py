@@ -64,18 +64,13 @@ def z_loss(data, scale: str) -> C.FigureResult:
         C.per_seed(held, "c", control), C.per_seed(held, "c", treated), testable=ok).to_json()
     fig, axes = plt.subplots(1, 3, figsize=style.figsize("double", 0.34),
                              gridspec_kw={"width_ratios": [1.2, 1.2, 0.8]})
-    C.plot_curves(axes[0], data.metrics, runs, "logsumexp_mean", order, colors)
+    C.curve_panel(axes[0], data.metrics, runs, "logsumexp_mean", order, colors,
+                  "Output logsumexp\n(mean over tokens, nats)",
+                  f"(a) logsumexp, LR {numbers['lr']:g}")
     axes[0].axhline(0.0, color="0.5", linewidth=0.6, zorder=1)
-    axes[0].set_ylabel("Output logsumexp\n(mean over tokens, nats)")
-    axes[0].set_title(f"(a) logsumexp, LR {numbers['lr']:g}", loc="left", fontsize=7)
-    C.plot_curves(axes[1], data.metrics, runs, "logit_max_abs", order, colors)
-    C.log_axis(axes[1])
-    axes[1].set_ylabel("Max |output logit|\n(log scale)")
-    axes[1].set_title("(b) max |logit|", loc="left", fontsize=7)
-    C.bars(axes[2], runs, "c", order, colors, held)
-    C.level_lines(axes[2], runs)
-    axes[2].set_ylabel(style.label("eval_loss"))
-    axes[2].set_title("(c) held-out loss", loc="left", fontsize=7)
+    C.curve_panel(axes[1], data.metrics, runs, "logit_max_abs", order, colors,
+                  "Max |output logit|\n(log scale)", "(b) max |logit|", log=True)
+    C.held_out_panel(axes[2], runs, order, colors, held, "(c) held-out loss")
     fig.tight_layout()
     C.figure_legend(fig, axes[0], title=f"Llama2 recipe, {C.regime(runs.iloc[0])}; thin: "
                     "seeds, thick: median")
@@ -143,14 +138,12 @@ def spike_no_more(data, scale: str) -> C.FigureResult:
     shown = [plain, *[r for r in remedies if r in order]]
     fig, axes = plt.subplots(1, 3, figsize=style.figsize("double", 0.34),
                              gridspec_kw={"width_ratios": [1.2, 1.2, 1.0]})
-    C.plot_curves(axes[0], data.metrics, at_small, "grad_norm", shown, colors)
-    C.log_axis(axes[0])
-    axes[0].set_ylabel("Gradient norm\n(L2, log scale)")
-    axes[0].set_title(f"(a) gradient norm, std {small:g}", loc="left", fontsize=7)
-    C.plot_curves(axes[1], data.metrics, at_small, "loss", shown, colors)
-    C.log_axis(axes[1])
-    axes[1].set_ylabel("Training loss\n(nats/token, log scale)")
-    axes[1].set_title(f"(b) training loss, std {small:g}", loc="left", fontsize=7)
+    C.curve_panel(axes[0], data.metrics, at_small, "grad_norm", shown, colors,
+                  "Gradient norm\n(L2, log scale)", f"(a) gradient norm, std {small:g}",
+                  log=True)
+    C.curve_panel(axes[1], data.metrics, at_small, "loss", shown, colors,
+                  "Training loss\n(nats/token, log scale)", f"(b) training loss, std {small:g}",
+                  log=True)
     C.bars(axes[2], runs, "gn_spike", order, colors)
     axes[2].set_ylim(bottom=0)
     axes[2].set_ylabel("Grad-norm spike\nlog10(max / median)")

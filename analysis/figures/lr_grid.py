@@ -112,11 +112,10 @@ def gpt_vs_llama2(data, scale: str, info: Mapping[str, Mapping] | None = None
             "peak_loss": C.by_variant(sep, "peak_loss", order, log=True),
             "diverged_runs": {n: "{}/{}".format(int(g["diverged"].sum()), len(g))
                               for n in order for g in [sep[sep["variant"] == n]]}}
-        C.plot_curves(axes[1], data.metrics, sep, "loss", order, colors)
-        C.log_axis(axes[1])
+        C.curve_panel(axes[1], data.metrics, sep, "loss", order, colors,
+                      "Training loss (nats/token, log scale)", f"(b) {sreg}, LR {top:g}",
+                      log=True)
         C.level_lines(axes[1], sep)
-        axes[1].set_ylabel("Training loss (nats/token, log scale)")
-        axes[1].set_title(f"(b) {sreg}, LR {top:g}", loc="left", fontsize=7)
         s = numbers["separating"]
         finding += (f" Where they separate ({sreg}, LR {top:g}): diverged "
                     + ", ".join(f"{n} {s['diverged_runs'][n]}" for n in order)
@@ -343,18 +342,12 @@ def init_std(data, scale: str) -> C.FigureResult:
     numbers["eval_loss_llama2_init_lower"] = learn.to_json()  # reported, not the claim
     fig, axes = plt.subplots(1, 3, figsize=style.figsize("double", 0.34),
                              gridspec_kw={"width_ratios": [1.2, 1.2, 0.9]})
-    C.plot_curves(axes[0], data.metrics, runs, "grad_norm", order, colors)
-    C.log_axis(axes[0])
-    axes[0].set_ylabel("Gradient norm\n(L2, log scale)")
-    axes[0].set_title(f"(a) gradient norm, LR {numbers['lr']:g}", loc="left", fontsize=7)
-    C.plot_curves(axes[1], data.metrics, runs, "embedding_std", order, colors)
-    C.log_axis(axes[1])
-    axes[1].set_ylabel("Embedding std\n(per element, log)")
-    axes[1].set_title("(b) embedding scale", loc="left", fontsize=7)
-    C.bars(axes[2], runs, "c", order, colors, held)
-    C.level_lines(axes[2], runs)
-    axes[2].set_ylabel(style.label("eval_loss"))
-    axes[2].set_title("(c) held-out loss", loc="left", fontsize=7)
+    C.curve_panel(axes[0], data.metrics, runs, "grad_norm", order, colors,
+                  "Gradient norm\n(L2, log scale)", f"(a) gradient norm, LR {numbers['lr']:g}",
+                  log=True)
+    C.curve_panel(axes[1], data.metrics, runs, "embedding_std", order, colors,
+                  "Embedding std\n(per element, log)", "(b) embedding scale", log=True)
+    C.held_out_panel(axes[2], runs, order, colors, held, "(c) held-out loss")
     fig.tight_layout()
     C.figure_legend(fig, axes[0], title=f"GPT recipe, {C.regime(runs.iloc[0])}; init std, "
                     "embeddings", ncol=4)

@@ -155,31 +155,28 @@ def spike_recovery(data, scale: str) -> C.FigureResult:
     tests = {f"{p}_lower_than_alert": C.compare(
         C.per_seed(runs, "c", p), C.per_seed(runs, "c", "alert"),
         testable=C.is_testable(runs, ["alert", p])) for p in order if p != "alert"}
+    groups = {p: runs[runs["variant"] == p] for p in order}
     numbers = {"lr": float(runs["lr"].iloc[0]) if len(runs) else None,
                "steps": int(runs["steps"].max()) if len(runs) else 0,
                "eval_loss_capped": C.by_variant(runs, "c", order),
                "peak_loss": C.by_variant(runs, "peak_loss", order, log=True),
                "skipped_steps": C.by_variant(runs, "skipped_steps", order),
                "rollbacks": C.by_variant(runs, "rollbacks", order),
-               "diverged_runs": {p: "{}/{}".format(int(g["diverged"].sum()), len(g))
-                                 for p in order for g in [runs[runs["variant"] == p]]},
+               "diverged_runs": {p: f"{int(g['diverged'].sum())}/{len(g)}"
+                                 for p, g in groups.items()},
                # a policy that gives up (rollback after actions.max_rollbacks) stops the run
                # before its end: no held-out loss, counted at the unigram level
-               "stopped_runs": {p: "{}/{}".format(int((g["status"] == "stopped").sum()), len(g))
-                                for p in order for g in [runs[runs["variant"] == p]]},
+               "stopped_runs": {p: f"{int(g['status'].eq('stopped').sum())}/{len(g)}"
+                                for p, g in groups.items()},
                "stopped_at_step": {p: [int(x) for x in g.loc[g["status"] == "stopped", "steps"]]
-                                   for p in order for g in [runs[runs["variant"] == p]]}}
+                                   for p, g in groups.items()}}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=style.figsize("double", 0.36),
                                  gridspec_kw={"width_ratios": [1.6, 0.8]})
-    C.plot_curves(a1, data.metrics, runs, "loss", order, colors)
-    C.log_axis(a1)
+    C.curve_panel(a1, data.metrics, runs, "loss", order, colors,
+                  "Training loss (nats/token, log scale)",
+                  f"(a) training loss, LR {numbers['lr']:g}", log=True)
     C.level_lines(a1, runs)
-    a1.set_ylabel("Training loss (nats/token, log scale)")
-    a1.set_title(f"(a) training loss, LR {numbers['lr']:g}", loc="left", fontsize=7)
-    C.bars(a2, runs, "c", order, colors)
-    C.level_lines(a2, runs)
-    a2.set_ylabel(style.label("eval_loss"))
-    a2.set_title("(b) held-out loss (capped)", loc="left", fontsize=7)
+    C.held_out_panel(a2, runs, order, colors, None, "(b) held-out loss (capped)")
     fig.tight_layout()
     C.figure_legend(fig, a1, title=f"GPT recipe, {C.regime(runs.iloc[0])}; actions.on_spike; "
                     "thin: seeds, thick: median")
