@@ -1,16 +1,17 @@
-"""The ``real-studies`` family: the project's paper-study runs, compacted and labelled.
+"""The ``real-studies`` families: the project's paper-study runs, compacted and labelled.
 
-``python -m benchmarks.detectors.real_studies import RUNS_ROOT`` reads the run directories of a
-``python -m analysis.regenerate`` at CPU scale (``RUNS_ROOT/<recipe>-<size>/<hash>/``, with
-``config.yaml``, ``metrics.jsonl`` and ``summary.json``; the study of each run from the plans
-under ``RUNS_ROOT/.plans/``), keeps a subset chosen by configuration alone (:func:`selected`),
-compacts each run to the detectors' columns (:func:`benchmarks.detectors.real_runs.compact`),
-and labels it from its loss curve by the rule of ``real/README.md``
-(:func:`benchmarks.detectors.real_runs.label_run`), unchanged. It writes
-``real/studies/runs/<name>.jsonl``, ``real/studies/labels.json`` and
-``real/studies/provenance.json`` (study, part, overrides, a config summary and the source run
-directory of every trace). It never reads a run's ``events.jsonl`` and never runs a detector:
-the labels exist before any detector sees these traces (the family is held out).
+``python -m benchmarks.detectors.real_studies import RUNS_ROOT [--split studies-heldout]``
+reads the run directories of a ``python -m analysis.regenerate`` at CPU scale
+(``RUNS_ROOT/<recipe>-<size>/<hash>/``, with ``config.yaml``, ``metrics.jsonl`` and
+``summary.json``; the study of each run from the plans under ``RUNS_ROOT/.plans/``), keeps a
+subset chosen by configuration alone (:func:`selected`), compacts each run to the detectors'
+columns (:func:`benchmarks.detectors.real_runs.compact`), and labels it from its loss curve by
+the rule of ``real/README.md`` (:func:`benchmarks.detectors.real_runs.label_run`), unchanged.
+It writes, in the split's folder (:data:`SPLITS`: ``real/studies/`` or
+``real/studies-heldout/``), ``runs/<name>.jsonl``, ``labels.json`` and ``provenance.json``
+(study, part, overrides, a config summary and the source run directory of every trace). It
+never reads a run's ``events.jsonl`` and never runs a detector: the labels exist before any
+detector sees these traces.
 """
 
 from __future__ import annotations
@@ -26,11 +27,15 @@ from typing import Any
 from benchmarks.detectors.real_runs import REAL_DIR, compact, label_run
 
 STUDIES_DIR = REAL_DIR / "studies"
-SPLIT = "studies"
+STUDIES_HELDOUT_DIR = REAL_DIR / "studies-heldout"
 
-SEEDS = (1,)
-"""The subset: every finished run of every study whose ``trainer.seed`` is in here. All seeds of
-all studies (~200 runs of 400 steps) would be ~11 MB; seed 1 keeps every configuration once."""
+SPLITS = {"studies": (STUDIES_DIR, (1,)), "studies-heldout": (STUDIES_HELDOUT_DIR, (2, 3))}
+"""Split -> (folder, seeds): every finished run of every study whose ``trainer.seed`` is in the
+seeds. ``studies`` (seed 1, every configuration once) was scored once as held out, then looked
+at while the detectors were revised: it is a development family now. ``studies-heldout`` (seeds
+2 and 3 of the same configurations: the same studies, other initialisations and data orders)
+was imported and labelled before that revision and is scored with its final rules only."""
+SEEDS = SPLITS["studies"][1]
 
 FINISHED = ("completed", "diverged", "stopped")
 """Run statuses that are a result (``stability.runfiles.FINISHED``): crashed or preempted runs
@@ -73,17 +78,17 @@ def study_map(root: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def selected(config: Mapping[str, Any]) -> tuple[bool, str]:
+def selected(config: Mapping[str, Any], seeds: tuple[int, ...] = SEEDS) -> tuple[bool, str]:
     """Whether a run belongs to the family, from its config alone, and why not.
 
     Left out: runs whose spike policy acts on the run (``actions.on_spike`` other than
     ``alert``: rollbacks and skipped steps change the curve they are judged on), and seeds not
-    in :data:`SEEDS`.
+    in ``seeds``.
     """
     policy = _get(config, "actions.on_spike")
     if policy != "alert":
         return False, f"actions.on_spike={policy}"
-    if _get(config, "trainer.seed") not in SEEDS:
+    if _get(config, "trainer.seed") not in seeds:
         return False, "seed"
     return True, ""
 
@@ -95,8 +100,9 @@ def trace_name(subdir: str, studies: list[dict[str, Any]]) -> str:
     return f"{first}-{group}-{run_hash}"
 
 
-def import_runs(root: Path, out: Path = STUDIES_DIR) -> dict[str, Any]:
-    """Compact and label the selected finished runs under ``root``; write the family."""
+def import_runs(root: Path, out: Path = STUDIES_DIR, split: str = "studies") -> dict[str, Any]:
+    """Compact and label the selected finished runs of ``split`` under ``root``; write them
+    to ``out``."""
     import yaml
 
     from stability.detectors import read_metrics
@@ -118,7 +124,7 @@ def import_runs(root: Path, out: Path = STUDIES_DIR) -> dict[str, Any]:
             skipped[f"status {summary.get('status')}"] += 1
             continue
         config = yaml.safe_load((run / "config.yaml").read_text())
-        ok, why = selected(config)
+        ok, why = selected(config, SPLITS[split][1])
         if not ok:
             skipped[why] += 1
             continue
@@ -129,7 +135,7 @@ def import_runs(root: Path, out: Path = STUDIES_DIR) -> dict[str, Any]:
             for r in rows:
                 f.write(json.dumps(r, separators=(",", ":")) + "\n")
         lab = label_run(rows)
-        lab["split"] = SPLIT
+        lab["split"] = split
         labels[key] = lab
         provenance[key] = {
             "source": subdir,
@@ -159,18 +165,21 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__)
     p.add_argument("command", choices=["import", "counts"])
     p.add_argument("root", nargs="?", type=Path, help="runs root of a CPU-scale regenerate")
+    p.add_argument("--split", choices=sorted(SPLITS), default="studies",
+                   help="which seeds, into which folder (default: studies, seed 1)")
     a = p.parse_args(argv)
+    folder = SPLITS[a.split][0]
     if a.command == "import":
         if a.root is None:
             p.error("import needs RUNS_ROOT")
-        res = import_runs(a.root)
+        res = import_runs(a.root, folder, a.split)
         for key, lab in sorted(res["labels"].items()):
             kinds = ", ".join(f"{d['shape']}@{d['onset']}" for d in lab["incidents"]) or "calm"
             print(f"{key}: {kinds}")
         print("skipped:", res["skipped"])
         labels = res["labels"]
     else:
-        labels = json.loads((STUDIES_DIR / "labels.json").read_text())
+        labels = json.loads((folder / "labels.json").read_text())
     print("label counts:", label_counts(labels))
     return 0
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from benchmarks.detectors.evaluate import evaluate
 from benchmarks.detectors.published import PUBLISHED_SEED0, make_published_set, make_published_trace
@@ -175,17 +176,18 @@ def test_real_studies_import_selects_by_config_and_labels_by_the_rule(tmp_path):
     assert load_real(out, "studies")[0].incidents[0].cross == inc["cross"]
 
 
-def test_real_studies_labels_come_from_the_written_rule():
-    from benchmarks.detectors.real_studies import SEEDS, STUDIES_DIR
+@pytest.mark.parametrize("split", ["studies", "studies-heldout"])
+def test_real_studies_labels_come_from_the_written_rule(split):
+    from benchmarks.detectors.real_studies import SPLITS
 
-    if not (STUDIES_DIR / "labels.json").exists():
-        return
-    labels = json.loads((STUDIES_DIR / "labels.json").read_text())
-    prov = json.loads((STUDIES_DIR / "provenance.json").read_text())
-    assert set(labels) == set(prov) and {v["split"] for v in labels.values()} == {"studies"}
+    folder, seeds = SPLITS[split]
+    labels = json.loads((folder / "labels.json").read_text())
+    prov = json.loads((folder / "provenance.json").read_text())
+    assert set(labels) == set(prov) and {v["split"] for v in labels.values()} == {split}
+    assert len(labels) == len(list((folder / "runs").glob("*.jsonl"))) > 50
     for name, lab in labels.items():
-        rows = list(read_metrics(STUDIES_DIR / name))
+        rows = list(read_metrics(folder / name))
         assert set(rows[0]) <= set(COLUMNS) and len(rows) == prov[name]["rows"]
         assert label_run(rows)["incidents"] == lab["incidents"], name
         assert prov[name]["config"]["on_spike"] == "alert"
-        assert prov[name]["config"]["seed"] in SEEDS
+        assert prov[name]["config"]["seed"] in seeds
