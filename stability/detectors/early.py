@@ -84,6 +84,7 @@ class LossRebound(BaseDetector):
         min_sigma: float = 0.01,
         release: int = 3,
         init_margin: float = 0.1,
+        above_rows: int = 2,
     ) -> None:
         super().__init__(**init_args(locals()))
         if not 0.0 < share <= 1.0:
@@ -96,6 +97,9 @@ class LossRebound(BaseDetector):
         self.min_sigma = min_sigma
         self.release = release
         self.log_margin = math.log1p(init_margin)
+        if above_rows not in (1, 2, 3):
+            raise ValueError(f"above_rows={above_rows!r} is not allowed: one of 1, 2, 3")
+        self.above_rows = above_rows
         self._y0: float | None = None
         self._ymin = math.inf
         self._last: deque[float] = deque(maxlen=3)
@@ -126,7 +130,8 @@ class LossRebound(BaseDetector):
         mid = median(last)
         if self._y0 is None:  # the loss at init: the median of the first 3 rows
             self._y0 = mid
-        low = min(last)  # the rules need all 3 rows: a climb lasts, an excursion does not
+        low = min(last)  # the rebound needs all 3 rows: a climb lasts, an excursion does not
+        low_above = min(list(last)[-self.above_rows:])
         sigma = self._sigma()
         progress = self._y0 - self._ymin
         rise = low - self._ymin
@@ -141,7 +146,7 @@ class LossRebound(BaseDetector):
             rebound = progress >= self.min_progress * sigma and rise >= max(
                 self.share * progress, self.k * sigma
             )
-            above = low - self._y0 >= self._above_need(sigma)
+            above = low_above - self._y0 >= self._above_need(sigma)
             if rebound or above:
                 self._active = True
                 self._quiet = 0

@@ -64,6 +64,19 @@ class GrowthDetector(BaseDetector):
         ceiling: Optional absolute level: the first row with ``|value| >= ceiling`` fires
             (once; re-armed below half of it), whatever the growth history. Catches a run
             that is unstable from its first steps, whose history is all fast growth.
+        smooth: Rows in a running median (or max) of ``u`` (odd; 1 = none). The growth is
+            taken between medians, so one row that dips or jumps is neither a growth nor a
+            reference to grow from; a growth that lasts is seen ``smooth // 2`` rows later.
+        smooth_by: ``median`` or ``max``: the envelope of a statistic that is itself a
+            maximum over sampled rows, whose dips are sampling artefacts (growth is seen at
+            once; a blip stays ``smooth`` rows).
+        min_value: With ``log``, values below it count as it: growth among values too small
+            to matter (attention logits of 0.01 -> 1) is not growth.
+        mute_while: A key (``loss``) whose fall mutes the rule: no hit while the median of
+            its last ``horizon`` rows is more than ``fall`` (relative) below the median of the
+            ``horizon`` rows before. A statistic that grows while the loss falls fast is the
+            model learning (attention forming in early training), not a runaway.
+        fall: See ``mute_while``.
     """
 
     def __init__(
@@ -83,12 +96,27 @@ class GrowthDetector(BaseDetector):
         cooldown: int = 20,
         min_sigma: float = 1e-3,
         ceiling: float | None = None,
+        smooth: int = 1,
+        smooth_by: str = "median",
+        min_value: float | None = None,
+        mute_while: str | None = None,
+        fall: float = 0.01,
     ) -> None:
         super().__init__(**init_args(locals()))
         if transform not in ("log", "linear"):
             raise ValueError(f"transform={transform!r} is not allowed: one of log, linear")
+        if smooth < 1 or smooth % 2 == 0:
+            raise ValueError(f"smooth={smooth!r} is not allowed: an odd number of rows >= 1")
+        if smooth_by not in ("median", "max"):
+            raise ValueError(f"smooth_by={smooth_by!r} is not allowed: one of median, max")
+        self.smooth_max = smooth_by == "max"
+        if min_value is not None and (transform != "log" or not min_value > 0):
+            raise ValueError(f"min_value={min_value!r} is not allowed: > 0, with transform=log")
         self.metric = metric
-        self.requires = (metric,) if normalize_by is None else (metric, normalize_by)
+        self.requires = tuple(k for k in (metric, normalize_by, mute_while) if k is not None)
+        self.mute_while = mute_while
+        self.fall = fall
+        self._mute_buf: deque[float] = deque(maxlen=2 * horizon)
         self.log = transform == "log"
         self.normalize_by = normalize_by
         self.horizon = horizon
@@ -102,6 +130,8 @@ class GrowthDetector(BaseDetector):
         self.cooldown = cooldown
         self.min_sigma = min_sigma
         self.ceiling = ceiling
+        self.min_value = min_value
+        self._raw: deque[float] = deque(maxlen=smooth)
         self._above = False
         self._buf: deque[tuple[int, float]] = deque(maxlen=horizon + 1)
         self._rates = RollingQuantiles(history)
@@ -120,17 +150,28 @@ class GrowthDetector(BaseDetector):
                 return None
             u = v / d
         if self.log:
+            if self.min_value is not None:
+                u = max(u, self.min_value)
             if u <= 0.0:
                 return None
             u = math.log(u)
         return v, u
 
     def _update(self, step: int, metrics: Mapping[str, Any]) -> list[Event]:
+        if self.mute_while is not None:
+            w = get_value(metrics, self.mute_while)
+            if w is not None and math.isfinite(w) and w > 0:
+                self._mute_buf.append(math.log(w))
         got = self._value(metrics)
         if got is None:
             return []
         v, u = got
         events = self._check_ceiling(step, v)
+        self._raw.append(u)
+        if self.smooth_max:
+            u = max(self._raw)
+        elif len(self._raw) > 1:
+            u = sorted(self._raw)[len(self._raw) // 2]
         ref = None
         for s, w in reversed(self._buf):
             if s <= step - self.horizon:
@@ -148,7 +189,7 @@ class GrowthDetector(BaseDetector):
         d = g - m
         dd = abs(d) if self.two_sided else d
         z = dd / sigma
-        hit = z >= self.k and dd >= self.floor
+        hit = z >= self.k and dd >= self.floor and not self._falling()
         jump = hit and dd >= self.floor_jump
         self._hits = self._hits + 1 if hit else 0
         if self._active:
@@ -163,6 +204,15 @@ class GrowthDetector(BaseDetector):
             lim = self.gate * sigma
             self._rates.add(m + max(-lim, min(lim, d)) if hit or z >= self.gate else g)
         return events
+
+    def _falling(self) -> bool:
+        """Whether ``mute_while``'s metric fell by more than ``fall`` over the last horizon."""
+        b = self._mute_buf
+        if self.mute_while is None or len(b) < b.maxlen:
+            return False
+        h = b.maxlen // 2
+        old, new = sorted(list(b)[:h]), sorted(list(b)[h:])
+        return new[h // 2] < old[h // 2] + math.log1p(-self.fall)
 
     def _check_ceiling(self, step: int, v: float) -> list[Event]:
         """One event when ``|value|`` first reaches ``ceiling`` (re-armed below half of it)."""
@@ -213,6 +263,8 @@ class GrowthDetector(BaseDetector):
     def _get_state(self) -> dict[str, Any]:
         return {
             "buf": [list(p) for p in self._buf],
+            "raw": list(self._raw),
+            "mute": list(self._mute_buf),
             "rates": self._rates.to_list(),
             "hits": self._hits,
             "active": self._active,
@@ -222,6 +274,10 @@ class GrowthDetector(BaseDetector):
 
     def _set_state(self, state: dict[str, Any]) -> None:
         self._buf = deque(((int(s), float(u)) for s, u in state["buf"]), maxlen=self.horizon + 1)
+        # states saved before ``smooth`` existed have no raw rows: the median restarts
+        self._raw = deque((float(u) for u in state.get("raw", [])), maxlen=self._raw.maxlen)
+        self._mute_buf = deque((float(u) for u in state.get("mute", [])),
+                               maxlen=self._mute_buf.maxlen)
         self._rates.load(state["rates"])
         self._hits = int(state["hits"])
         self._active = bool(state["active"])
@@ -246,9 +302,13 @@ class AttnLogitGrowth(GrowthDetector):
     def __init__(
         self,
         metric: str = "attn_logit_max",
-        floor: float = math.log(1.5),
+        floor: float = math.log(2.0),
         floor_jump: float = math.log(3.0),
         ceiling: float | None = None,
+        smooth: int = 9,
+        smooth_by: str = "max",
+        min_value: float | None = 1.0,
+        mute_while: str | None = "loss",
         **kw: Any,
     ) -> None:
         super().__init__(
@@ -257,6 +317,10 @@ class AttnLogitGrowth(GrowthDetector):
             floor=floor,
             floor_jump=floor_jump,
             ceiling=ceiling,
+            smooth=smooth,
+            smooth_by=smooth_by,
+            min_value=min_value,
+            mute_while=mute_while,
             **kw,
         )
 
