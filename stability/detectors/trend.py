@@ -121,7 +121,7 @@ class TrendSpikeDetector(BaseDetector):
         metric: str = "loss",
         window: int = 64,
         slope_window: int = 64,
-        min_history: int = 20,
+        min_history: int = 12,
         resid_window: int = 64,
         short_window: int = 16,
         k_large: float = 7.0,
@@ -294,6 +294,9 @@ class TrendSpikeDetector(BaseDetector):
             return [self._fire(step, v, pred, c_r, lo, c_sigma, "", message=what)]
         if r >= large and r >= max(self.k_single * sigma, self.log_large):
             return [self._fire(step, v, pred, r, large, sigma, "large")]
+        if r >= large and self._last and self._last[-1] >= self.k_confirm * sigma:
+            # the row before was already up: a spike that builds over two rows is confirmed
+            return [self._fire(step, v, pred, r, large, sigma, "large, after a rising row")]
         if r >= large:  # a lone row this high may be a heavy-tailed noise row: wait one row
             self._candidate = [float(step), v, pred, r, large, sigma]
         self._last.append(r)

@@ -101,6 +101,28 @@ def test_loss_spike_confirms_a_moderately_large_row_on_the_next_one():
             ] == [300]
 
 
+def test_loss_spike_confirms_a_large_row_on_the_rising_row_before_it():
+    base = falling_loss(500, noise=0.005)
+    # a spike that builds over two rows: ~4 sigmas, then ~9: flagged on the second row (it
+    # waited for a third row before, and missed a spike whose third row was back down)
+    rows = spiked(spiked(base, 299, 1.02), 300, 1.05)
+    (ev,) = run(build_detectors(["loss_spike"])[0], rows)
+    assert ev.step == 300 and "after a rising row" in ev.message
+    # the row before only ~2 sigmas up is noise next to a hard batch
+    assert run(build_detectors(["loss_spike"])[0], spiked(spiked(base, 299, 1.01), 300, 1.05)
+               ) == []
+
+
+def test_loss_spike_sees_a_spike_from_the_twelfth_row():
+    # a study run (spike_no_more, GPT, LR 1e-2): 6.86 -> 8.00 -> 9.63 -> 6.80 at steps 21-24,
+    # and a Llama2 z-loss run's one-row +79% at step 14; neither was flagged before
+    runs = ROOT / "benchmarks/detectors/real/studies/runs"
+    for name, step in [("spike_no_more-gpt-study-03452b0a5cad", 23),
+                       ("z_loss-llama2-study-9370d916789c", 14)]:
+        rows = [json.loads(line) for line in (runs / f"{name}.jsonl").read_text().splitlines()]
+        assert [e.step for e in run(build_detectors(["loss_spike"])[0], rows)] == [step]
+
+
 def test_loss_spike_ignores_a_single_hard_batch():
     rows = spiked(falling_loss(500), 300, 1.04)  # 4 sigmas of a 1% noise
     assert run(build_detectors(["loss_spike"])[0], rows) == []
