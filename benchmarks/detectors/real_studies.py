@@ -1,14 +1,14 @@
 """The ``real-studies`` families: the project's paper-study runs, compacted and labelled.
 
-``python -m benchmarks.detectors.real_studies import RUNS_ROOT [--split studies-heldout]``
-reads the run directories of a ``python -m analysis.regenerate`` at CPU scale
+``python -m benchmarks.detectors.real_studies import RUNS_ROOT [--split SPLIT]`` reads the run
+directories of a ``python -m analysis.regenerate`` at CPU scale
 (``RUNS_ROOT/<recipe>-<size>/<hash>/``, with ``config.yaml``, ``metrics.jsonl`` and
 ``summary.json``; the study of each run from the plans under ``RUNS_ROOT/.plans/``), keeps a
 subset chosen by configuration alone (:func:`selected`), compacts each run to the detectors'
 columns (:func:`benchmarks.detectors.real_runs.compact`), and labels it from its loss curve by
 the rule of ``real/README.md`` (:func:`benchmarks.detectors.real_runs.label_run`), unchanged.
-It writes, in the split's folder (:data:`SPLITS`: ``real/studies/`` or
-``real/studies-heldout/``), ``runs/<name>.jsonl``, ``labels.json`` and ``provenance.json``
+It writes, in the split's folder (:data:`SPLITS`: ``real/studies/``, ``real/studies-heldout/``
+or ``real/studies-heldout2/``), ``runs/<name>.jsonl``, ``labels.json`` and ``provenance.json``
 (study, part, overrides, a config summary and the source run directory of every trace). It
 never reads a run's ``events.jsonl`` and never runs a detector: the labels exist before any
 detector sees these traces.
@@ -28,13 +28,17 @@ from benchmarks.detectors.real_runs import REAL_DIR, compact, label_run
 
 STUDIES_DIR = REAL_DIR / "studies"
 STUDIES_HELDOUT_DIR = REAL_DIR / "studies-heldout"
+STUDIES_HELDOUT2_DIR = REAL_DIR / "studies-heldout2"
 
-SPLITS = {"studies": (STUDIES_DIR, (1,)), "studies-heldout": (STUDIES_HELDOUT_DIR, (2, 3))}
+SPLITS = {"studies": (STUDIES_DIR, (1,)), "studies-heldout": (STUDIES_HELDOUT_DIR, (2, 3)),
+          "studies-heldout2": (STUDIES_HELDOUT2_DIR, (4, 5))}
 """Split -> (folder, seeds): every finished run of every study whose ``trainer.seed`` is in the
 seeds. ``studies`` (seed 1, every configuration once) was scored once as held out, then looked
-at while the detectors were revised: it is a development family now. ``studies-heldout`` (seeds
-2 and 3 of the same configurations: the same studies, other initialisations and data orders)
-was imported and labelled before that revision and is scored with its final rules only."""
+at while the detectors were revised (first revision). ``studies-heldout`` (seeds 2 and 3 of the
+same configurations: other initialisations and data orders) was labelled before that revision
+and scored once with its rules, then looked at for the second revision. ``studies-heldout2``
+(seeds 4 and 5, which only the gpt_vs_llama2 study trains: its LR grid of both recipes) was
+labelled before the second revision and is scored with its final rules only."""
 SEEDS = SPLITS["studies"][1]
 
 FINISHED = ("completed", "diverged", "stopped")

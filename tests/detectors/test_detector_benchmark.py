@@ -176,7 +176,7 @@ def test_real_studies_import_selects_by_config_and_labels_by_the_rule(tmp_path):
     assert load_real(out, "studies")[0].incidents[0].cross == inc["cross"]
 
 
-@pytest.mark.parametrize("split", ["studies", "studies-heldout"])
+@pytest.mark.parametrize("split", ["studies", "studies-heldout", "studies-heldout2"])
 def test_real_studies_labels_come_from_the_written_rule(split):
     from benchmarks.detectors.real_studies import SPLITS
 
@@ -184,7 +184,7 @@ def test_real_studies_labels_come_from_the_written_rule(split):
     labels = json.loads((folder / "labels.json").read_text())
     prov = json.loads((folder / "provenance.json").read_text())
     assert set(labels) == set(prov) and {v["split"] for v in labels.values()} == {split}
-    assert len(labels) == len(list((folder / "runs").glob("*.jsonl"))) > 50
+    assert len(labels) == len(list((folder / "runs").glob("*.jsonl"))) >= 20
     for name, lab in labels.items():
         rows = list(read_metrics(folder / name))
         assert set(rows[0]) <= set(COLUMNS) and len(rows) == prov[name]["rows"]
