@@ -151,6 +151,12 @@ BUMP_BEFORE = 10
 """Steps before a bump's onset that still belong to it."""
 TAIL = 20
 """Steps after a bump's end (or a from-start incident's first dip) that still belong to it."""
+JUMP = 0.30
+"""A one-row jump (added 2026-12-01): a row this far above the median of the 4 rows around it
+(2 before, 2 after), outside every other incident's window: a loss spike of one step, which
+the 3- and 5-row medians of the other rules cannot see."""
+JUMP_TAIL = 10
+"""Steps after a jump that still belong to it."""
 FROM_START = 0.05
 """Before it has learned, a run is unstable from the start once the loss is this far above the
 loss at init (a slow start sits at the loss at init, within a hair, for its first rows)."""
@@ -178,7 +184,8 @@ def label_run(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Incidents of one real run, from its loss curve alone (the rule of real/README.md).
 
     Returns ``{"incidents": [...], "init_loss"}``; every incident has ``kind``, ``shape``
-    (``blow-up``, ``from-start``, ``bump``, ``nonfinite``), ``onset``, ``start``, ``end`` and,
+    (``blow-up``, ``from-start``, ``bump``, ``jump``, ``nonfinite``), ``onset``, ``start``,
+    ``end`` and,
     for a blow-up, ``cross`` (the step its loss passes the loss at init).
     """
     steps = [int(r["step"]) for r in rows]
@@ -239,6 +246,13 @@ def label_run(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
             i = j + 1
         else:
             i += 1
+    # one-row jumps outside every window so far (after the first 3 rows: the loss at init)
+    for i in range(3, m - 2):
+        around = _median([*loss[i - 2 : i], *loss[i + 1 : i + 3]])
+        inside = any(d["start"] <= steps[i] <= d["end"] for d in incidents)
+        if loss[i] >= (1 + JUMP) * around and not inside:
+            incidents.append({"kind": "spike", "shape": "jump", "onset": steps[i],
+                              "start": steps[i], "end": steps[min(last, i + JUMP_TAIL)]})
     if first_bad is not None and not any(d["end"] >= steps[first_bad] for d in incidents):
         incidents.append({"kind": "nonfinite", "shape": "nonfinite", "onset": steps[first_bad],
                           "start": steps[first_bad], "end": steps[last]})

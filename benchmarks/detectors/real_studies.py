@@ -6,7 +6,7 @@ directories of a ``python -m analysis.regenerate`` at CPU scale
 ``summary.json``; the study of each run from the plans under ``RUNS_ROOT/.plans/``), keeps a
 subset chosen by configuration alone (:func:`selected`), compacts each run to the detectors'
 columns (:func:`benchmarks.detectors.real_runs.compact`), and labels it from its loss curve by
-the rule of ``real/README.md`` (:func:`benchmarks.detectors.real_runs.label_run`), unchanged.
+the rule of ``real/README.md`` (:func:`label_study_run`: ``label_run`` and the injected fault).
 It writes, in the split's folder (:data:`SPLITS`: ``real/studies/``, ``real/studies-heldout/``
 or ``real/studies-heldout2/``), ``runs/<name>.jsonl``, ``labels.json`` and ``provenance.json``
 (study, part, overrides, a config summary and the source run directory of every trace). It
@@ -104,6 +104,27 @@ def trace_name(subdir: str, studies: list[dict[str, Any]]) -> str:
     return f"{first}-{group}-{run_hash}"
 
 
+FAULT_TAIL = 20
+"""Steps after an injected fault that still belong to it."""
+
+
+def label_study_run(rows: list[dict[str, Any]], fault_at: int | None) -> dict[str, Any]:
+    """The written rule (:func:`label_run`), plus the run's injected fault, if it has one
+    (``fault.at_step`` in its config: the spike_timeline study injects an LR spike): an
+    incident from that step, whatever the loss did (added 2026-12-01: an LR x30 for one step
+    barely moves these runs' loss, and the rule alone called them calm)."""
+    lab = label_run(rows)
+    steps = [int(r["step"]) for r in rows]
+    if fault_at is not None and fault_at in steps:
+        end = steps[min(len(steps) - 1, steps.index(fault_at) + FAULT_TAIL)]
+        inside = [d for d in lab["incidents"] if d["start"] <= fault_at <= d["end"]]
+        if not inside:
+            lab["incidents"].append({"kind": "spike", "shape": "fault", "onset": fault_at,
+                                     "start": fault_at, "end": end})
+            lab["incidents"].sort(key=lambda d: d["onset"])
+    return lab
+
+
 def import_runs(root: Path, out: Path = STUDIES_DIR, split: str = "studies") -> dict[str, Any]:
     """Compact and label the selected finished runs of ``split`` under ``root``; write them
     to ``out``."""
@@ -138,7 +159,7 @@ def import_runs(root: Path, out: Path = STUDIES_DIR, split: str = "studies") -> 
         with (runs_dir / f"{name}.jsonl").open("w") as f:
             for r in rows:
                 f.write(json.dumps(r, separators=(",", ":")) + "\n")
-        lab = label_run(rows)
+        lab = label_study_run(rows, _get(config, "fault.at_step"))
         lab["split"] = split
         labels[key] = lab
         provenance[key] = {
@@ -154,6 +175,23 @@ def import_runs(root: Path, out: Path = STUDIES_DIR, split: str = "studies") -> 
     return {"labels": labels, "provenance": provenance, "skipped": dict(skipped)}
 
 
+def relabel(split: str) -> dict[str, Any]:
+    """Label the split's compacted traces again by :func:`label_study_run` (after the rule changed);
+    write ``labels.json``. The traces and provenance stay as imported."""
+    from stability.detectors import read_metrics
+
+    folder = SPLITS[split][0]
+    prov = json.loads((folder / "provenance.json").read_text())
+    labels: dict[str, Any] = {}
+    for path in sorted((folder / "runs").glob("*.jsonl")):
+        fault_at = prov[f"runs/{path.name}"]["config"].get("fault_at")
+        lab = label_study_run(list(read_metrics(path)), fault_at)
+        lab["split"] = split
+        labels[f"runs/{path.name}"] = lab
+    (folder / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True) + "\n")
+    return labels
+
+
 def label_counts(labels: Mapping[str, Any]) -> dict[str, int]:
     """Runs per label: ``calm`` and each incident shape (a run may have several)."""
     c: Counter[str] = Counter()
@@ -167,7 +205,7 @@ def label_counts(labels: Mapping[str, Any]) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.detectors.real_studies",
                                 description=__doc__)
-    p.add_argument("command", choices=["import", "counts"])
+    p.add_argument("command", choices=["import", "relabel", "counts"])
     p.add_argument("root", nargs="?", type=Path, help="runs root of a CPU-scale regenerate")
     p.add_argument("--split", choices=sorted(SPLITS), default="studies",
                    help="which seeds, into which folder (default: studies, seed 1)")
@@ -182,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{key}: {kinds}")
         print("skipped:", res["skipped"])
         labels = res["labels"]
+    elif a.command == "relabel":
+        labels = relabel(a.split)
     else:
         labels = json.loads((folder / "labels.json").read_text())
     print("label counts:", label_counts(labels))

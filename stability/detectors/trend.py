@@ -112,6 +112,9 @@ class TrendSpikeDetector(BaseDetector):
         tail_quantile: Quantile of the absolute benign residuals for the tail sigma (0 = off).
         tail_window: Benign rows the tail sigma looks at.
         max_rise: Largest upward trend slope (relative rise per step) the fit may follow.
+        early_jump: Before ``min_history`` rows (no trend, no noise measured yet): a row this
+            far above the median of the 3 rows before it (0.3 = 30%) fires (one event per
+            run of such rows; they stay out of the baseline). 0 = off.
     """
 
     requires = ("loss",)
@@ -140,6 +143,7 @@ class TrendSpikeDetector(BaseDetector):
         tail_quantile: float = 0.95,
         tail_window: int = 64,
         max_rise: float = 0.0,
+        early_jump: float = 0.3,
     ) -> None:
         super().__init__(**init_args(locals()))
         if not (6 <= min_history <= slope_window and 4 <= window <= slope_window):
@@ -168,6 +172,8 @@ class TrendSpikeDetector(BaseDetector):
 
         self.tail_z = _normal_quantile(0.5 + tail_quantile / 2) if tail_quantile else 1.0
         self.max_rise = max_rise
+        self.log_early_jump = math.log1p(early_jump) if early_jump > 0 else math.inf
+        self._early_held = False
         self._drift: deque[float] = deque(maxlen=DRIFT_ROWS)
         self._frozen = False
         self._hist: deque[tuple[float, float]] = deque(maxlen=slope_window)
@@ -252,8 +258,7 @@ class TrendSpikeDetector(BaseDetector):
         y = math.log(v)
         self._recent.append((x, y))
         if len(self._hist) < self.min_history:
-            self._hist.append((x, y))
-            return []
+            return self._early(step, v, x, y)
         a, b = self._fit(step)
         self._slope = b
         pred = a + b * x
@@ -300,7 +305,9 @@ class TrendSpikeDetector(BaseDetector):
         if r >= large:  # a lone row this high may be a heavy-tailed noise row: wait one row
             self._candidate = [float(step), v, pred, r, large, sigma]
         self._last.append(r)
-        if len(self._last) == self.persist:
+        # the sustained rule needs the noise measured out of sample: its 3.5 sigmas are a few
+        # percent, and the first rows' in-sample scale is no estimate of that
+        if len(self._last) == self.persist and len(self._res_long) >= MIN_RESIDUALS:
             mid = median(self._last)
             need = max(self.k_sustained * sigma, self.log_sustained)
             if mid >= need and min(self._last) >= self.sustained_min * sigma:
@@ -313,6 +320,28 @@ class TrendSpikeDetector(BaseDetector):
         self._flush_pending(lo, large)
         self._accept(x, y, r)
         return []
+
+    def _early(self, step: int, v: float, x: float, y: float) -> list[Event]:
+        """Before the trend exists: a row ``early_jump`` above the median of the 3 rows before
+        it is a spike (the loss does not rise 30% in a step in a run that trains; in the first
+        rows of our study runs, hard batches stay within ~10%)."""
+        prior = [p[1] for p in list(self._hist)[-3:]]
+        jump = len(prior) == 3 and y - median(prior) >= self.log_early_jump
+        if not jump:
+            self._hist.append((x, y))
+            self._early_held = False
+            return []
+        held, self._early_held = self._early_held, True
+        if held:  # the same incident: still out of the baseline, no second event
+            return []
+        ref = math.exp(median(prior))
+        return [Event(step=step, detector=self.name, metric=self.metric, value=v,
+                      threshold=ref * math.exp(self.log_early_jump),
+                      score=(y - median(prior)) / self.log_early_jump, severity="warn",
+                      kind="spike",
+                      message=f"{self.metric}={v:.4g} is {v / ref - 1:+.0%} over the median "
+                      f"{ref:.4g} of the 3 rows before it (large, early: before the trend "
+                      f"has its {self.min_history} rows)")]
 
     def _fire(
         self, step: int, v: float, pred: float, r: float, need: float, sigma: float, rule: str,
@@ -345,6 +374,7 @@ class TrendSpikeDetector(BaseDetector):
         return {
             "hist": [list(p) for p in self._hist],
             "recent": [list(p) for p in self._recent],
+            "early_held": self._early_held,
             "res_long": self._res_long.to_list(),
             "res_short": self._res_short.to_list(),
             "tail": self._tail.to_list(),
@@ -366,6 +396,7 @@ class TrendSpikeDetector(BaseDetector):
     def _set_state(self, state: dict[str, Any]) -> None:
         self._hist = deque((tuple(p) for p in state["hist"]), maxlen=self.slope_window)
         self._recent = deque((tuple(p) for p in state["recent"]), maxlen=self.min_history)
+        self._early_held = bool(state.get("early_held", False))
         self._res_long.load(state["res_long"])
         self._res_short.load(state["res_short"])
         # absent in states saved before they existed

@@ -178,7 +178,7 @@ def test_real_studies_import_selects_by_config_and_labels_by_the_rule(tmp_path):
 
 @pytest.mark.parametrize("split", ["studies", "studies-heldout", "studies-heldout2"])
 def test_real_studies_labels_come_from_the_written_rule(split):
-    from benchmarks.detectors.real_studies import SPLITS
+    from benchmarks.detectors.real_studies import SPLITS, label_study_run
 
     folder, seeds = SPLITS[split]
     labels = json.loads((folder / "labels.json").read_text())
@@ -188,6 +188,25 @@ def test_real_studies_labels_come_from_the_written_rule(split):
     for name, lab in labels.items():
         rows = list(read_metrics(folder / name))
         assert set(rows[0]) <= set(COLUMNS) and len(rows) == prov[name]["rows"]
-        assert label_run(rows)["incidents"] == lab["incidents"], name
+        fault_at = prov[name]["config"]["fault_at"]
+        assert label_study_run(rows, fault_at)["incidents"] == lab["incidents"], name
         assert prov[name]["config"]["on_spike"] == "alert"
         assert prov[name]["config"]["seed"] in seeds
+
+
+def test_labels_mark_one_row_jumps_and_injected_faults():
+    from benchmarks.detectors.real_studies import label_study_run
+
+    # the loss of a Llama2 study run at LR 3e-2: +66% on one row at step 13, then back; the
+    # 3- and 5-row medians of the other rules do not see it
+    loss = [7.62, 7.57, 7.50, 7.26, 7.09, 6.92, 6.84, 6.74, 6.56, 6.47, 6.42, 10.70, 6.57, 6.67]
+    loss += [6.6 - 0.01 * i for i in range(40)]
+    rows = [{"step": i + 2, "loss": v, "grad_norm": 1.0} for i, v in enumerate(loss)]
+    (inc,) = label_run(rows)["incidents"]
+    assert (inc["shape"], inc["onset"], inc["end"]) == ("jump", 13, 23)
+    # +20% is no jump
+    rows[11]["loss"] = 6.42 * 1.2
+    assert label_run(rows)["incidents"] == []
+    # an injected fault is an incident whatever the loss did
+    (inc,) = label_study_run(rows, 30)["incidents"]
+    assert (inc["shape"], inc["onset"], inc["start"], inc["end"]) == ("fault", 30, 30, 50)

@@ -123,6 +123,31 @@ def test_loss_spike_sees_a_spike_from_the_twelfth_row():
         assert [e.step for e in run(build_detectors(["loss_spike"])[0], rows)] == [step]
 
 
+def test_loss_spike_flags_a_jump_before_its_trend_exists():
+    # a post-LN study run (LR 1e-3, no warm-up): 6.70 -> 13.77 -> 6.78 at step 10, before the
+    # trend has its 12 rows; nothing flagged it before
+    runs = ROOT / "benchmarks/detectors/real/studies/runs"
+    path = runs / "norm_placement-gpt-study-43c41f6431ac.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    (ev,) = run(build_detectors(["loss_spike"])[0], rows)
+    assert ev.step == 10 and "early" in ev.message
+    # +25% over the rows before is not one; a run of high rows is one event
+    base = falling_loss(40, noise=0.005)
+    assert run(build_detectors(["loss_spike"])[0], spiked(base, 6, 1.25)) == []
+    assert [e.step for e in run(build_detectors(["loss_spike"])[0], spiked(base, 6, 1.6, 2))
+            ] == [6]
+
+
+def test_loss_spike_sustained_rule_waits_for_the_noise():
+    # a pre-LN study run (LR 3e-3, no warm-up) whose fall flattens at step 13-18: 5 sigmas of
+    # the first rows' in-sample scale on three rows, a false "sustained" alarm at step 18 once
+    # the rule started at row 12; the rule now waits for 16 out-of-sample residuals
+    runs = ROOT / "benchmarks/detectors/real/studies-heldout/runs"
+    path = runs / "norm_placement-gpt-study-7b0cd41db5ba.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert run(build_detectors(["loss_spike"])[0], rows) == []
+
+
 def test_loss_spike_ignores_a_single_hard_batch():
     rows = spiked(falling_loss(500), 300, 1.04)  # 4 sigmas of a 1% noise
     assert run(build_detectors(["loss_spike"])[0], rows) == []
