@@ -81,6 +81,13 @@ class TrainerConfig:
     log_interval: int | None = None
     """Steps between metric rows; None = every step on CPU, every 10 steps on GPU (a flush is
     the loop's one host sync: detectors act at flushes, a skip in the same step)."""
+    compile: bool = False
+    """Compile the model's forward (and its backward) with ``torch.compile`` (inductor) in
+    place (``nn.Module.compile``: parameters and state-dict keys stay the same). The first step
+    pays the compile (about 20 s for size=small on CPU) and later steps run fused kernels for
+    the element-wise work between the matmuls (norms, RoPE, SwiGLU, residual adds); it pays on
+    long runs only (benchmarks/throughput.py --compile measures the break-even). One tensor-
+    and pipeline-parallel rank only."""
 
     def validate(self) -> None:
         one_of("trainer.device", self.device, DEVICES)
@@ -188,6 +195,10 @@ class Config:
             divisible("trainer.global_batch_size", t.global_batch_size,
                       "trainer.micro_batch_size * data-parallel size * parallel.pipeline",
                       t.micro_batch_size * dp * p.pipeline)
+        if t.compile and (p.tensor > 1 or p.pipeline > 1):
+            raise ConfigError("trainer.compile", True,
+                              "false under tensor or pipeline parallelism (parallel.tensor and "
+                              "parallel.pipeline must be 1)")
         if self.actions.rolls_back and self.checkpoint.interval == 0:
             raise ConfigError("checkpoint.interval", 0, "> 0 when an action is rollback")
 

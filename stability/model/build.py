@@ -169,3 +169,14 @@ def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length
         embedding_layernorm=m.embedding_layernorm,
     )
     return model.to(dtype=runtime.params_dtype) if runtime.bf16 else model
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``torch.compile`` a model chunk's forward and backward (inductor), in place.
+
+    ``nn.Module.compile`` keeps the module itself: the same parameters, the same state-dict
+    keys (no ``_orig_mod.`` prefix of a wrapping ``OptimizedModule``) in checkpoints and HF
+    exports, and forward hooks registered later (the monitors' probes) still run, traced into
+    the graph. Compilation happens at the first forward.
+    """
+    model.compile()
