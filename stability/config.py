@@ -84,11 +84,12 @@ class TrainerConfig:
     compile: bool = False
     """Compile the model's forward (and its backward) with ``torch.compile`` (inductor) in
     place (``nn.Module.compile``: parameters and state-dict keys stay the same; losses within
-    1e-5 of an eager run). The first step pays the compile (about 27 s for size=small on a
-    CPU, cold cache; the first evaluation a few seconds more) and later steps run fused kernels
-    for the element-wise work between the matmuls (norms, RoPE, SwiGLU, residual adds): 5-13%
-    faster CPU steps at size=small and study, so it pays after about 1,000 steps
-    (``benchmarks/throughput.py --compile``). One tensor- and pipeline-parallel rank only."""
+    1e-5 of an eager run). The first step pays the compile (17-36 s for size=small or study on
+    a CPU, cold cache; again after a change of thread count; the first evaluation a few seconds
+    more) and later steps run fused kernels for the element-wise work between the matmuls
+    (norms, RoPE, SwiGLU, residual adds): 6-15% faster CPU steps at size=small and study, so
+    it pays after about 900-1,800 steps (``benchmarks/throughput.py --compile``). One tensor-
+    and pipeline-parallel rank only."""
 
     def validate(self) -> None:
         one_of("trainer.device", self.device, DEVICES)
