@@ -1,12 +1,18 @@
 """Our training step against a plain-PyTorch one of the same shape and math, side by side.
 
-``python -m benchmarks.throughput [--shapes tiny,study,small] [--threads 1,2] [--rounds 3]``
+``python -m benchmarks.throughput [--shapes tiny,study,small] [--threads 1,2] [--rounds 3]
+[--compile]``
 
 - ours: the Trainer as a user runs it (``train_step`` + ``finish_step`` with the default
   callbacks: monitors, detectors and actions, the metrics and events files), on the sample data;
 - plain: a nanoGPT-style model of the same shape (SDPA, RoPE + SwiGLU + RMSNorm or learned
   positions + GELU + LayerNorm), ``F.cross_entropy`` plus the z-loss from a logsumexp, global
-  norm clipping and torch's fused AdamW, on random tokens of the same batch shape.
+  norm clipping and torch's fused AdamW, on random tokens of the same batch shape;
+- ours+compile (``--compile``): ours with ``trainer.compile=true`` (a second Trainer of the same
+  run). Its first step at each thread count, which compiles (inductor builds its kernels for
+  the thread count), is timed on its own: the compile cost is that step's time less a steady
+  step of ours, and the break-even run length is that cost over the milliseconds a compiled
+  step saves.
 
 Both train in one process, alternating in rounds so that machine noise falls on both alike.
 Per shape and thread count: ms/step of each, the ratio of tokens/s (ours / plain), and model
@@ -141,16 +147,24 @@ def top_costs(step, steps: int = 3, top: int = 5) -> list[tuple[str, float]]:
     return [(name, us / total) for name, us in costs.most_common(top)]
 
 
-def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, steps: int,
-            run_dir: Path) -> list[dict]:
+def build_trainer(shape: str, recipe: str, run_dir: Path, compile: bool = False) -> Trainer:
+    """Our Trainer on ``shape`` with its default callbacks, as a user runs it."""
     cfg = compose(f"recipe={recipe}", *SHAPES[shape], "optim.lr=1e-3", "trainer.device=cpu",
                   "trainer.train_steps=100000", "checkpoint.interval=0",
-                  "checkpoint.save_final=false", "logger.console=false")
+                  "checkpoint.save_final=false", "logger.console=false",
+                  f"trainer.compile={str(compile).lower()}")
     runtime = Runtime.resolve(cfg)
     runtime.apply()
-    trainer = Trainer(cfg, run_dir / shape, default_callbacks(cfg, run_dir / shape, True),
-                      runtime=runtime, topology=TOPOLOGY)
+    trainer = Trainer(cfg, run_dir, default_callbacks(cfg, run_dir, True), runtime=runtime,
+                      topology=TOPOLOGY)
     trainer.start(resume=False)
+    return trainer
+
+
+def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, steps: int,
+            run_dir: Path, compile: bool = False) -> list[dict]:
+    trainer = build_trainer(shape, recipe, run_dir / shape)
+    cfg = trainer.cfg
     vocab, b, s = trainer.model.vocab_size, cfg.trainer.global_batch_size, cfg.data.seq_length
     plain = PlainGPT(cfg, vocab)
     plain_opt = build_optimizer(plain, cfg.optim)
@@ -166,16 +180,31 @@ def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, step
     def theirs() -> None:
         plain_step(plain, plain_opt, batches[next(counter) % 4], cfg.loss.z_loss)
 
+    arms = {"ours": ours, "plain": theirs}
+    if compile:
+        compiled = build_trainer(shape, recipe, run_dir / f"{shape}-compile", compile=True)
+
+        def ours_compiled() -> None:
+            compiled.train_step()
+            compiled.finish_step()
+
+        arms["ours+compile"] = ours_compiled
+
     flops = model_flops_per_token(cfg.model, vocab, s) * b * s
     results = []
     for threads in thread_counts:
         torch.set_num_threads(threads)
+        if compile:
+            # Inductor's kernels are built for the thread count: a new count compiles anew.
+            start = time.perf_counter()
+            ours_compiled()  # inductor's on-disk cache may shorten a second run
+            first_step = time.perf_counter() - start
         for _ in range(3):  # warm-up: allocator, kernels, optimizer state
-            ours()
-            theirs()
-        times = {"ours": [], "plain": []}
+            for step in arms.values():
+                step()
+        times = {name: [] for name in arms}
         for _ in range(rounds):
-            for name, step in (("ours", ours), ("plain", theirs)):
+            for name, step in arms.items():
                 for _ in range(steps):
                     start = time.perf_counter()
                     step()
@@ -186,9 +215,16 @@ def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, step
             row[f"{name}_ms"] = statistics.median(ts) * 1e3
             row[f"{name}_share"] = flops / statistics.median(ts) / peak
         row["ratio"] = row["plain_ms"] / row["ours_ms"]  # tokens/s ours / plain
+        if compile:
+            # The compile's cost beside an eager step, and the steps it takes to earn it back.
+            row["compile_s"] = first_step - row["ours_ms"] / 1e3
+            saved = row["ours_ms"] - row["ours+compile_ms"]
+            row["break_even"] = row["compile_s"] * 1e3 / saved if saved > 0 else math.inf
         results.append(row)
     torch.set_num_threads(thread_counts[0])
     results[0]["top"] = top_costs(ours)
+    if compile:
+        results[0]["top+compile"] = top_costs(arms["ours+compile"])
     return results
 
 
@@ -203,13 +239,16 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with trainer.compile=true (ours+compile)")
     args = parser.parse_args()
     TOPOLOGY = parallel.init(torch.device("cpu"), 1, 1)
     thread_counts = [int(t) for t in args.threads.split(",")]
     run_dir = Path(tempfile.mkdtemp(prefix="throughput-"))
     rows = []
     for shape in args.shapes.split(","):
-        rows += measure(shape, args.recipe, thread_counts, args.rounds, args.steps, run_dir)
+        rows += measure(shape, args.recipe, thread_counts, args.rounds, args.steps, run_dir,
+                        args.compile)
     print(f"recipe={args.recipe}; ours = the Trainer with its default callbacks; plain = "
           f"nanoGPT-style; share = model FLOP/s / measured fp32 matmul rate")
     print(f"{'shape':<6} {'thr':>3} {'matmul GF/s':>11} {'ours ms':>8} {'plain ms':>8} "
@@ -218,10 +257,21 @@ def main() -> None:
         print(f"{r['shape']:<6} {r['threads']:>3} {r['peak_gflops']:>11.1f} {r['ours_ms']:>8.1f} "
               f"{r['plain_ms']:>8.1f} {r['ratio']:>10.3f} {r['ours_share']:>10.1%} "
               f"{r['plain_share']:>11.1%}")
+    if args.compile:
+        print("ours+compile: trainer.compile=true; compile s = its first step at that thread "
+              "count less a step of ours; break-even = compile s / ms saved")
+        print(f"{'shape':<6} {'thr':>3} {'compiled ms':>11} {'ours ms':>8} {'share':>6} "
+              f"{'/plain':>6} {'compile s':>9} {'break-even steps':>16}")
+        for r in rows:
+            print(f"{r['shape']:<6} {r['threads']:>3} {r['ours+compile_ms']:>11.1f} "
+                  f"{r['ours_ms']:>8.1f} {r['ours+compile_share']:>6.1%} "
+                  f"{r['plain_ms'] / r['ours+compile_ms']:>6.3f} {r['compile_s']:>9.1f} "
+                  f"{r['break_even']:>16.0f}")
     for r in rows:
-        if "top" in r:
-            costs = ", ".join(f"{name} {share:.0%}" for name, share in r["top"])
-            print(f"top costs of our {r['shape']} step ({r['threads']} thread): {costs}")
+        for key, label in (("top", "our"), ("top+compile", "our compiled")):
+            if key in r:
+                costs = ", ".join(f"{name[:40]} {share:.0%}" for name, share in r[key])
+                print(f"top costs of {label} {r['shape']} step ({r['threads']} thread): {costs}")
     parallel.shutdown()
 
 

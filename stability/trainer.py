@@ -33,7 +33,7 @@ from stability.data import build_train_data
 from stability.engine import build_engine
 from stability.evaluate import Evaluator
 from stability.metrics_buffer import MetricsBuffer
-from stability.model.build import build_model, causal_mask
+from stability.model.build import build_model, causal_mask, compile_model
 from stability.model.chunks import ModelChunks
 from stability.model.loss import vocab_parallel_loss
 from stability.optim.adamw import build_scheduler
@@ -319,7 +319,8 @@ def build_chunks(cfg: Config, runtime: Runtime, vocab_size: int,
                  device: torch.device) -> list[torch.nn.Module]:
     """This rank's model: one chunk per virtual pipeline stage (one without virtual stages),
     with its shard of ``model.init_from``'s weights when set (loaded here, before the optimizer
-    copies the weights; a resume then loads the run's checkpoint over them)."""
+    copies the weights; a resume then loads the run's checkpoint over them), compiled in place
+    when ``trainer.compile``."""
     p = cfg.parallel
     stages = [None] if p.virtual_pipeline is None else list(range(p.virtual_pipeline))
     chunks = [build_model(cfg.model, runtime, vocab_size=vocab_size,
@@ -332,6 +333,9 @@ def build_chunks(cfg: Config, runtime: Runtime, vocab_size: int,
 
         load_hf_weights(chunks, cfg.model, tp_size=p.tensor,
                         tp_rank=parallel_state.get_tensor_model_parallel_rank())
+    if cfg.trainer.compile:
+        for chunk in chunks:
+            compile_model(chunk)
     return chunks
 
 

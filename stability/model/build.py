@@ -169,3 +169,22 @@ def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length
         embedding_layernorm=m.embedding_layernorm,
     )
     return model.to(dtype=runtime.params_dtype) if runtime.bf16 else model
+
+
+def compile_model(model: torch.nn.Module) -> None:
+    """``torch.compile`` a model chunk's forward and backward (inductor), in place.
+
+    ``nn.Module.compile`` keeps the module itself: the same parameters, the same state-dict
+    keys (no ``_orig_mod.`` prefix of a wrapping ``OptimizedModule``) in checkpoints and HF
+    exports, and forward hooks registered later (the monitors' probes) still run, traced into
+    the graph. Compilation happens at the first forward.
+
+    megatron's RoPE table stays eager: its forward is an ``lru_cache`` that on the CPU moves
+    its buffer with ``torch.cuda.current_device()`` (``stability.cpu``), which dynamo cannot
+    trace. So the model runs as two graphs (embedding; decoder and output layer) with one
+    break between them, where the cached table is read.
+    """
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is not None:
+        rotary.forward = torch.compiler.disable(rotary.forward)
+    model.compile()

@@ -83,8 +83,12 @@ class _LogSumExpAndTarget(torch.autograd.Function):
         chunk = _chunk_rows(logits)
         for start in range(0, logits.shape[0], chunk):
             rows = slice(start, start + chunk)
-            softmax = (logits[rows].float() - logsumexp[rows, None]).exp_()
-            grad[rows] = softmax.mul_(grad_logsumexp[rows, None])
+            if grad.dtype == torch.float32:  # straight into the gradient: no copy
+                softmax = torch.sub(logits[rows], logsumexp[rows, None], out=grad[rows])
+                softmax.exp_().mul_(grad_logsumexp[rows, None])
+            else:  # fp32 softmax, then rounded to the logits' dtype
+                softmax = (logits[rows].float() - logsumexp[rows, None]).exp_()
+                grad[rows] = softmax.mul_(grad_logsumexp[rows, None])
         grad.scatter_add_(-1, local[:, None],
                           (grad_target * inside).to(grad.dtype)[:, None])
         return grad, None
