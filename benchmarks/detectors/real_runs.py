@@ -78,6 +78,9 @@ SPLITS: dict[str, list[tuple[str, int]]] = {
     "heldout": [(c, 1) for c in CONFIGS]
     + [(c, 2) for c in ("gpt-lr0.1-w0", "gpt-lr0.03-w0", "llama2-lr0.03-w0", "llama2-lr0.3-w20",
                         "gpt-d128l4-lr0.3-w40", "llama2-lr0.003-w20", "gpt-lr0.01-w20")],
+    # held out from the second detector revision (2026-12-01): every config at a new seed,
+    # generated and labelled after that revision was scored, scored with its rules once
+    "heldout2": [(c, 3) for c in CONFIGS],
 }
 """Runs per split: (config, seed). Held-out runs are 150 steps (``HELDOUT_STEPS``) to fit the
 CPU budget; blow-ups in these regimes start before step ~120."""
@@ -116,7 +119,7 @@ def generate(split: str, python: str = sys.executable) -> None:
         target = folder / f"{name}.jsonl"
         if target.exists():
             continue
-        steps = [f"trainer.train_steps={HELDOUT_STEPS}"] if split == "heldout" else []
+        steps = [f"trainer.train_steps={HELDOUT_STEPS}"] if split.startswith("heldout") else []
         with tempfile.TemporaryDirectory() as tmp:
             overrides = [o for o in CONFIGS[config]
                          if not (steps and o.startswith("trainer.train_steps"))]

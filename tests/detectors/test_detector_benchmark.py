@@ -85,7 +85,7 @@ def test_published_traces_are_deterministic_and_labelled_by_the_rule():
 
 def test_real_labels_come_from_the_written_rule():
     labels = json.loads((REAL_DIR / "labels.json").read_text())
-    assert {v["split"] for v in labels.values()} == {"dev", "heldout"}
+    assert {v["split"] for v in labels.values()} == {"dev", "heldout", "heldout2"}
     for name, lab in labels.items():
         rows = list(read_metrics(REAL_DIR / name))
         assert set(rows[0]) <= set(COLUMNS) and len(rows) >= 150
