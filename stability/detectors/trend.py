@@ -114,7 +114,8 @@ class TrendSpikeDetector(BaseDetector):
         max_rise: Largest upward trend slope (relative rise per step) the fit may follow.
         early_jump: Before ``min_history`` rows (no trend, no noise measured yet): a row this
             far above the median of the 3 rows before it (0.3 = 30%) fires (one event per
-            run of such rows; they stay out of the baseline). 0 = off.
+            run of such rows; they stay out of the baseline for ``hold_max`` rows, then the
+            level has moved and they enter it). 0 = off.
     """
 
     requires = ("loss",)
@@ -173,7 +174,7 @@ class TrendSpikeDetector(BaseDetector):
         self.tail_z = _normal_quantile(0.5 + tail_quantile / 2) if tail_quantile else 1.0
         self.max_rise = max_rise
         self.log_early_jump = math.log1p(early_jump) if early_jump > 0 else math.inf
-        self._early_held = False
+        self._early_held = 0
         self._drift: deque[float] = deque(maxlen=DRIFT_ROWS)
         self._frozen = False
         self._hist: deque[tuple[float, float]] = deque(maxlen=slope_window)
@@ -329,10 +330,13 @@ class TrendSpikeDetector(BaseDetector):
         jump = len(prior) == 3 and y - median(prior) >= self.log_early_jump
         if not jump:
             self._hist.append((x, y))
-            self._early_held = False
+            self._early_held = 0
             return []
-        held, self._early_held = self._early_held, True
-        if held:  # the same incident: still out of the baseline, no second event
+        if self._early_held >= self.hold_max:  # the level has moved: into the baseline
+            self._hist.append((x, y))
+            return []
+        self._early_held += 1
+        if self._early_held > 1:  # the same incident: still out of the baseline, no new event
             return []
         ref = math.exp(median(prior))
         return [Event(step=step, detector=self.name, metric=self.metric, value=v,
@@ -396,7 +400,7 @@ class TrendSpikeDetector(BaseDetector):
     def _set_state(self, state: dict[str, Any]) -> None:
         self._hist = deque((tuple(p) for p in state["hist"]), maxlen=self.slope_window)
         self._recent = deque((tuple(p) for p in state["recent"]), maxlen=self.min_history)
-        self._early_held = bool(state.get("early_held", False))
+        self._early_held = int(state.get("early_held", 0))
         self._res_long.load(state["res_long"])
         self._res_short.load(state["res_short"])
         # absent in states saved before they existed

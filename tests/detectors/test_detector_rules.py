@@ -136,6 +136,11 @@ def test_loss_spike_flags_a_jump_before_its_trend_exists():
     assert run(build_detectors(["loss_spike"])[0], spiked(base, 6, 1.25)) == []
     assert [e.step for e in run(build_detectors(["loss_spike"])[0], spiked(base, 6, 1.6, 2))
             ] == [6]
+    # a level that stays 60% up: one event, and the rows enter the baseline after hold_max
+    # rows, so the trend detector does not stay in its warm-up for the rest of the run
+    det = build_detectors(["loss_spike"])[0]
+    assert [e.step for e in run(det, spiked(base, 6, 1.6, 34))] == [6]
+    assert len(det.state_dict()["state"]["hist"]) == 40 - 5
 
 
 def test_loss_spike_sustained_rule_waits_for_the_noise():
