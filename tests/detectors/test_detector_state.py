@@ -143,3 +143,18 @@ def test_an_lr_restored_after_a_rollback_is_a_real_jump():
     events = [e for r in replay for e in suite.update(r["step"], r)]
     assert [(e.step, e.detector, e.kind) for e in events] == [
         (50, "update_ratio_growth", "leading")]
+
+
+def test_states_saved_before_the_new_fields_still_load():
+    # checkpoints written before the attention rule's envelope and loss mute (raw, mute) and
+    # loss_spike's early rule (early_held) existed: they load, and the stream goes on
+    rows = falling_loss(200)
+    for name, keys in [("attn_logit_growth", ("raw", "mute")), ("loss_spike", ("early_held",))]:
+        (det,) = build_detectors([name])
+        run(det, rows[:100])
+        state = json.loads(json.dumps(det.state_dict()))
+        for key in keys:
+            del state["state"][key]
+        (fresh,) = build_detectors([name])
+        fresh.load_state_dict(state)
+        assert run(fresh, rows[100:]) == []
