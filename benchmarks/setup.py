@@ -21,6 +21,7 @@ Medians over ``--repeats``. Absolute seconds: this is context for the issue's "f
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import subprocess
 import sys
@@ -28,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-IMPORTS = "import torch, megatron.core, stability.train, stability.trainer"
+MODULES = ("torch", "megatron.core", "stability.train", "stability.trainer")
+"""What a run imports (torch and megatron-core through the trainer)."""
+IMPORTS = f"import {', '.join(MODULES)}"
 DEFAULT = ["size=study"]
 ONE_STEP = ["trainer.train_steps=1", "trainer.eval_interval=null", "trainer.device=cpu",
             "checkpoint.interval=0", "checkpoint.save_final=false", "logger.console=false"]
@@ -73,7 +76,8 @@ def drop_caches() -> bool:
 
 def in_process_runs(overrides: list[str], root: Path, runs: int = 2) -> list[float]:
     """Wall seconds of ``runs`` one-step runs in this process, after the imports."""
-    exec(IMPORTS)  # the imports are done before the first run is timed
+    for name in MODULES:  # the imports are done before the first run is timed
+        importlib.import_module(name)
     from stability.config import compose
     from stability.train import run
 

@@ -170,9 +170,14 @@ def import_runs(root: Path, out: Path = STUDIES_DIR, split: str = "studies") -> 
             "rows": len(rows),
             "config": {k: _get(config, d) for k, d in SUMMARY_KEYS.items()},
         }
-    (out / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True) + "\n")
+    write_labels(out, labels)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1, sort_keys=True) + "\n")
     return {"labels": labels, "provenance": provenance, "skipped": dict(skipped)}
+
+
+def write_labels(folder: Path, labels: Mapping[str, Any]) -> None:
+    """``folder/labels.json``, in the one format every split has."""
+    (folder / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True) + "\n")
 
 
 def relabel(split: str) -> dict[str, Any]:
@@ -188,7 +193,7 @@ def relabel(split: str) -> dict[str, Any]:
         lab = label_study_run(list(read_metrics(path)), fault_at)
         lab["split"] = split
         labels[f"runs/{path.name}"] = lab
-    (folder / "labels.json").write_text(json.dumps(labels, indent=1, sort_keys=True) + "\n")
+    write_labels(folder, labels)
     return labels
 
 

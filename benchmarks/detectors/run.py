@@ -57,6 +57,8 @@ init, with a mean lead of at least 10 steps, and no loss alarm on a calm run."""
 FAMILIES = ("synthetic", "synthetic-heldout", "published", "real", "real-dev", "real-heldout2",
             "real-studies", "real-studies-heldout", "real-studies-heldout2")
 HELDOUT = ("published", "real", "real-heldout2", "real-studies-heldout2")
+REAL_SPLITS = {"real": "heldout", "real-dev": "dev", "real-heldout2": "heldout2"}
+"""Family -> split of ``real/`` (``real_runs.SPLITS``)."""
 """Families the detectors were not tuned on: the exit status follows their bar."""
 
 COLUMNS = [
@@ -172,8 +174,8 @@ def family_traces(family: str, n_clean: int, n_spike: int) -> list[Any]:
         return make_set(HELDOUT_SEED0, n_clean, n_spike)
     if family == "published":
         return make_published_set(n_clean, n_spike, PUBLISHED_SEED0)
-    if family in ("real", "real-dev", "real-heldout2"):
-        return load_real(REAL_DIR, {"real": "heldout", "real-dev": "dev"}.get(family, "heldout2"))
+    if family in REAL_SPLITS:
+        return load_real(REAL_DIR, REAL_SPLITS[family])
     if family.startswith("real-studies"):
         split = family.removeprefix("real-")
         return load_real(SPLITS[split][0], split)

@@ -327,7 +327,8 @@ class TrendSpikeDetector(BaseDetector):
         it is a spike (the loss does not rise 30% in a step in a run that trains; in the first
         rows of our study runs, hard batches stay within ~10%)."""
         prior = [p[1] for p in list(self._hist)[-3:]]
-        jump = len(prior) == 3 and y - median(prior) >= self.log_early_jump
+        ref_y = median(prior) if len(prior) == 3 else math.inf
+        jump = y - ref_y >= self.log_early_jump
         if not jump:
             self._hist.append((x, y))
             self._early_held = 0
@@ -338,10 +339,10 @@ class TrendSpikeDetector(BaseDetector):
         self._early_held += 1
         if self._early_held > 1:  # the same incident: still out of the baseline, no new event
             return []
-        ref = math.exp(median(prior))
+        ref = math.exp(ref_y)
         return [Event(step=step, detector=self.name, metric=self.metric, value=v,
                       threshold=ref * math.exp(self.log_early_jump),
-                      score=(y - median(prior)) / self.log_early_jump, severity="warn",
+                      score=(y - ref_y) / self.log_early_jump, severity="warn",
                       kind="spike",
                       message=f"{self.metric}={v:.4g} is {v / ref - 1:+.0%} over the median "
                       f"{ref:.4g} of the 3 rows before it (large, early: before the trend "
