@@ -17,7 +17,8 @@
 Both train in one process, alternating in rounds so that machine noise falls on both alike.
 Per shape and thread count: ms/step of each, the ratio of tokens/s (ours / plain), and model
 FLOP/s (6 N T plus attention, ``stability.throughput``) as a share of this machine's fp32
-matmul rate measured at that thread count; per shape, the five largest costs of our step
+matmul rate (1024 x 1024 products, timed as a third arm of the same rounds, median like the
+steps); per shape, the five largest costs of our step
 (profiler self time).
 """
 
@@ -40,7 +41,7 @@ from stability import parallel
 from stability.config import Config, compose
 from stability.optim.adamw import build_optimizer
 from stability.runtime import Runtime
-from stability.throughput import cpu_matmul_flops, model_flops_per_token
+from stability.throughput import model_flops_per_token
 from stability.train import default_callbacks
 from stability.trainer import Trainer
 
@@ -180,7 +181,13 @@ def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, step
     def theirs() -> None:
         plain_step(plain, plain_opt, batches[next(counter) % 4], cfg.loss.z_loss)
 
-    arms = {"ours": ours, "plain": theirs}
+    mat_a, mat_b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+
+    def matmul() -> None:
+        for _ in range(MATMULS_PER_STEP):
+            torch.mm(mat_a, mat_b)
+
+    arms = {"ours": ours, "plain": theirs, "matmul": matmul}
     if compile:
         compiled = build_trainer(shape, recipe, run_dir / f"{shape}-compile", compile=True)
 
@@ -209,7 +216,9 @@ def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, step
                     start = time.perf_counter()
                     step()
                     times[name].append(time.perf_counter() - start)
-        peak = cpu_matmul_flops(threads, n=1024, reps=5)
+        # The matmul rate under the same conditions and statistic as the steps (timed in the
+        # same rounds, median): a best-of rate beside median steps would bias the share down.
+        peak = MATMULS_PER_STEP * 2 * MATMUL_N**3 / statistics.median(times.pop("matmul"))
         row = {"shape": shape, "threads": threads, "peak_gflops": peak / 1e9}
         for name, ts in times.items():
             row[f"{name}_ms"] = statistics.median(ts) * 1e3
@@ -224,11 +233,13 @@ def measure(shape: str, recipe: str, thread_counts: list[int], rounds: int, step
     torch.set_num_threads(thread_counts[0])
     results[0]["top"] = top_costs(ours)
     if compile:
-        results[0]["top+compile"] = top_costs(arms["ours+compile"])
+        results[0]["top+compile"] = top_costs(ours_compiled)
     return results
 
 
 TOPOLOGY: parallel.Topology | None = None
+MATMUL_N, MATMULS_PER_STEP = 1024, 4
+"""The matmul rate's arm: four fp32 1024 x 1024 products per timed 'step' (~40-90 ms here)."""
 
 
 def main() -> None:

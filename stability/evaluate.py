@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from stability.model.loss import vocab_parallel_loss
+from stability.model.loss import language_model_loss
 from stability.parallel import Topology
 
 
@@ -112,11 +112,13 @@ class Evaluator:
 
     def _forward(self, losses: list[torch.Tensor], data_iterator, model: torch.nn.Module):
         batch = next(data_iterator)
-        output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                       attention_mask=self.mask)
+        with self.chunks[-1].hidden_output():
+            output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                           attention_mask=self.mask)
 
-        def loss(logits: torch.Tensor):
-            out = vocab_parallel_loss(logits, batch["labels"], batch["loss_mask"], 0.0)
+        def loss(output: torch.Tensor):
+            out = language_model_loss(self.chunks[-1], output, batch["labels"],
+                                      batch["loss_mask"], 0.0)
             # A copy: megatron's schedule divides the returned loss in place, and without
             # z-loss cross_entropy shares its storage.
             losses.append(out.cross_entropy.clone())

@@ -53,6 +53,14 @@ class Runtime:
         return self.precision == "bf16"
 
     @property
+    def output_in_loss(self) -> bool:
+        """The loss applies the output layer block by block, logits never whole
+        (``stability.model.loss.linear_vocab_loss``; only at one tensor-parallel rank). On the
+        CPU (fp32 there), where the logits' memory traffic costs a sixth of the output layer and
+        loss; GPU runs keep megatron's logits until this has been measured there."""
+        return self.device_type == "cpu"
+
+    @property
     def params_dtype(self) -> torch.dtype:
         """The dtype of the model's weights (fp32 masters live in the optimizer)."""
         return torch.bfloat16 if self.bf16 else torch.float32

@@ -35,7 +35,7 @@ from stability.evaluate import Evaluator
 from stability.metrics_buffer import MetricsBuffer
 from stability.model.build import build_model, causal_mask, compile_model
 from stability.model.chunks import ModelChunks
-from stability.model.loss import vocab_parallel_loss
+from stability.model.loss import language_model_loss
 from stability.optim.adamw import build_scheduler
 from stability.runfiles import RunFiles
 from stability.runtime import Runtime
@@ -217,13 +217,13 @@ class Trainer:
         """megatron's forward_step_func: one micro batch through one model chunk (every stage
         reads the same micro batches; a later stage's input comes from its neighbour)."""
         batch = next(data_iterator)
-        output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
-                       attention_mask=self.mask)
-        return output, functools.partial(self._loss, batch)
+        with self.chunks[-1].hidden_output():  # the loss may apply the output layer
+            return (model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                          attention_mask=self.mask), functools.partial(self._loss, batch))
 
-    def _loss(self, batch: dict[str, torch.Tensor], logits: torch.Tensor):
-        """Last stage: the micro batch's loss (the schedule divides it by the micro batches)."""
-        out = vocab_parallel_loss(logits, batch["labels"], batch["loss_mask"],
+    def _loss(self, batch: dict[str, torch.Tensor], output: torch.Tensor):
+        """Last stage: the loss of a micro batch's logits or final hidden states."""
+        out = language_model_loss(self.chunks[-1], output, batch["labels"], batch["loss_mask"],
                                   self.cfg.loss.z_loss)
         for callback in self.callbacks:
             out = callback.on_loss(self.state, out)
@@ -326,7 +326,8 @@ def build_chunks(cfg: Config, runtime: Runtime, vocab_size: int,
     chunks = [build_model(cfg.model, runtime, vocab_size=vocab_size,
                           seq_length=cfg.data.seq_length, seed=cfg.trainer.seed,
                           tensor=p.tensor, pipeline=p.pipeline,
-                          virtual_pipeline=p.virtual_pipeline, vp_stage=stage).to(device)
+                          virtual_pipeline=p.virtual_pipeline, vp_stage=stage,
+                          output_in_loss=runtime.output_in_loss).to(device)
               for stage in stages]
     if cfg.model.init_from:
         from stability.hf.load import load_hf_weights

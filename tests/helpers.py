@@ -21,14 +21,16 @@ def cpu_runtime(cfg: Config):
     return Runtime.resolve(dataclasses.replace(cfg, trainer=trainer), cuda_available=False)
 
 
-def build_model_for(cfg: Config, vocab_size: int):
-    """This process's model of ``cfg`` on the CPU (megatron's parallel state must exist)."""
+def build_model_for(cfg: Config, vocab_size: int, output_in_loss: bool = False):
+    """This process's model of ``cfg`` on the CPU (megatron's parallel state must exist); it
+    returns logits unless ``output_in_loss`` (as the trainer builds it on the CPU)."""
     from stability.model.build import build_model
 
     p = cfg.parallel
     return build_model(cfg.model, cpu_runtime(cfg), vocab_size=vocab_size,
                        seq_length=cfg.data.seq_length, seed=cfg.trainer.seed, tensor=p.tensor,
-                       pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline)
+                       pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline,
+                       output_in_loss=output_in_loss)
 
 
 def make_trainer(cfg: Config, run_dir: Path, callbacks: list, topology):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,7 +17,13 @@ from megatron.core.utils import init_method_normal
 
 from stability.model.backends import backend_available
 from stability.model.config import ModelConfig
-from stability.model.layers import LocalColumnLinear, block_spec, build_norm, layer_spec
+from stability.model.layers import (
+    LocalColumnLinear,
+    block_spec,
+    build_norm,
+    is_plain,
+    layer_spec,
+)
 
 if TYPE_CHECKING:
     from stability.runtime import Runtime
@@ -97,13 +105,21 @@ class GPTModel(MegatronGPTModel):
     ``scaled_embedding`` multiplies the embedding output by sqrt(d) (Takase et al. 2023, "Spike
     No More"); ``embedding_layernorm`` normalises it. Both act through a forward hook on the
     embedding, so the model's parameters and state-dict keys stay megatron's.
+
+    ``output_in_loss``: where the output layer is a plain matmul (one tensor-parallel rank, no
+    sequence parallelism), the loss may apply it: inside :meth:`hidden_output` the last stage
+    returns its final hidden states [b, s, h] instead of logits, and
+    ``stability.model.loss.language_model_loss`` applies :meth:`output_weight` block by block.
+    Outside, the model returns logits as megatron's does.
     """
 
     def __init__(self, *args, scaled_embedding: bool = False, embedding_layernorm: bool = False,
-                 **kwargs) -> None:
+                 output_in_loss: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.post_process:  # megatron builds it inline; the same module, plain on one rank
             self.output_layer.__class__ = LocalColumnLinear
+        self.output_in_loss = output_in_loss and self.post_process and is_plain(
+            self.output_layer)
         self.embedding_scale = math.sqrt(self.config.hidden_size) if scaled_embedding else 1.0
         self.embedding_norm = build_norm(self.config) if (embedding_layernorm and
                                                           self.pre_process) else None
@@ -117,6 +133,25 @@ class GPTModel(MegatronGPTModel):
             # along the sequence dimension, so the order must stay.)
             self.output_layer.register_forward_pre_hook(_batch_major_input)
             self.output_layer.register_forward_hook(_sequence_major_view)
+
+    @contextlib.contextmanager
+    def hidden_output(self) -> Iterator[None]:
+        """Within: a model with ``output_in_loss`` returns its final hidden states (the trainer's
+        and the evaluator's forward passes); any other returns its logits."""
+        if not self.output_in_loss:
+            yield
+            return
+        self.output_layer.defer_to_loss = True
+        try:
+            yield
+        finally:
+            self.output_layer.defer_to_loss = False
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight [vocab, hidden]: the embedding's when they are tied."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
 
     def _after_embedding(self, module, args, output):
         if self.embedding_scale != 1.0:
@@ -138,9 +173,11 @@ def _sequence_major_view(module, args, output):
 
 def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length: int,
                 seed: int, tensor: int = 1, pipeline: int = 1,
-                virtual_pipeline: int | None = None, vp_stage: int | None = None) -> GPTModel:
+                virtual_pipeline: int | None = None, vp_stage: int | None = None,
+                output_in_loss: bool = False) -> GPTModel:
     """The model chunk of this rank (its pipeline stage ``vp_stage`` and tensor shard), on the
     CPU; the caller moves it to the runtime's device. ``seed`` seeds each layer's init.
+    ``output_in_loss``: see :class:`GPTModel` (the trainer sets it for fp32 CPU runs).
 
     In bf16 every parameter is bf16 (fp32 masters live in the optimizer), as megatron's
     Float16Module makes them: megatron builds torch's norms (``WrappedTorchNorm``) in fp32, and
@@ -167,6 +204,7 @@ def build_model(m: ModelConfig, runtime: Runtime, *, vocab_size: int, seq_length
         vp_stage=vp_stage,
         scaled_embedding=m.scaled_embedding,
         embedding_layernorm=m.embedding_layernorm,
+        output_in_loss=output_in_loss,
     )
     return model.to(dtype=runtime.params_dtype) if runtime.bf16 else model
 

@@ -48,7 +48,7 @@ def build_norm(config: TransformerConfig, hidden_size: int | None = None):
                         eps=config.layernorm_epsilon)
 
 
-def _plain(linear: ColumnParallelLinear | RowParallelLinear) -> bool:
+def is_plain(linear: ColumnParallelLinear | RowParallelLinear) -> bool:
     """Can this linear layer run as a plain matmul (one tensor-parallel rank, nothing fused or
     deferred)? Checked per call: the tensor-parallel size is fixed when it is built."""
     c = linear.config
@@ -62,10 +62,17 @@ class LocalColumnLinear(ColumnParallelLinear):
     """megatron's ColumnParallelLinear; on one tensor-parallel rank its forward is megatron's
     own math (``matmul(x, W^T) + b``) under plain autograd instead of megatron's autograd
     Function, whose Python bookkeeping and copies cost a few percent of a small CPU model's
-    step. Same parameters, same results (the step-40 losses are bit-identical)."""
+    step. Same parameters, same results (the step-40 losses are bit-identical).
+
+    ``defer_to_loss`` (the model's output layer, set by ``GPTModel(output_in_loss=True)``): the
+    input passes through unchanged and the loss applies the weight."""
+
+    defer_to_loss = False
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if weight is not None or not _plain(self):
+        if self.defer_to_loss:
+            return input_, None
+        if weight is not None or not is_plain(self):
             return super().forward(input_, weight, runtime_gather_output)
         output = torch.matmul(input_, self.weight.t())
         if self.bias is not None and not self.skip_bias_add:
@@ -78,7 +85,7 @@ class LocalRowLinear(RowParallelLinear):
     :class:`LocalColumnLinear`)."""
 
     def forward(self, input_):
-        if not _plain(self) or self.explicit_expert_comm:
+        if not is_plain(self) or self.explicit_expert_comm:
             return super().forward(input_)
         output = torch.matmul(input_, self.weight.t())
         if self.skip_bias_add:

@@ -11,6 +11,12 @@ element-wise passes of an autograd-traced logsumexp cost about as much as the ou
 matmul on CPU. ``_LogSumExpAndTarget`` computes logsumexp and the target logit in its own
 forward and writes the gradient in one pass in backward, row chunks at a time so that each
 chunk stays in cache on CPU (one chunk on GPU). The z-loss and masking stay plain autograd.
+
+On the CPU at one tensor-parallel rank the loss also owns the output layer
+(:func:`linear_vocab_loss`): logits are computed a block of rows at a time, and each block's
+gradient, with respect to the hidden states and the output weight, is computed at once while
+the block is still in cache. The full ``[tokens, vocab]`` logits never exist, which saves their
+memory traffic: 17% of the output layer and loss at size=small (``docs/speed.md``).
 """
 
 from __future__ import annotations
@@ -94,6 +100,93 @@ class _LogSumExpAndTarget(torch.autograd.Function):
         return grad, None
 
 
+class _LinearVocabLoss(torch.autograd.Function):
+    """Cross-entropy + z-loss of ``hidden @ weight^T`` (one rank's whole vocabulary), averaged
+    over the tokens of ``mask``.
+
+    With w_i = mask_i / sum(mask), the gradient with respect to logit (i, j) is
+    w_i ((1 + 2 z lse_i) softmax_ij - [j = y_i]): known in the forward, so each block of rows is
+    differentiated as soon as its logits exist (the technique of Liger-Kernel's fused linear
+    cross-entropy). Backward scales the saved gradients by the incoming one (the schedule's
+    1/micro-batches, ``loss.scale``). Returns (loss, cross-entropy, z-loss, mean logsumexp,
+    max |logit|); only the loss is differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, mask, z_loss, grads):
+        rows = hidden.shape[0]
+        chunk = _linear_chunk_rows(weight)
+        logsumexp = torch.empty(rows, device=hidden.device)
+        target = torch.empty(rows, device=hidden.device)
+        row_abs_max = torch.empty(rows, device=hidden.device)
+        denom = mask.sum().clamp(min=1.0)
+        ctx.grads = grads  # False in evaluation: the forward alone
+        if ctx.grads:
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.empty_like(weight)
+            token_weight = mask / denom
+        buffer = torch.empty((min(chunk, rows), weight.shape[0]), device=hidden.device)
+        for start in range(0, rows, chunk):
+            block = slice(start, min(start + chunk, rows))
+            h = hidden[block]
+            logits = torch.mm(h, weight.t(), out=buffer[:h.shape[0]])
+            shift = logits.amax(dim=-1)
+            torch.maximum(shift, logits.amin(dim=-1).neg_(), out=row_abs_max[block])
+            target[block] = logits.gather(-1, labels[block, None]).squeeze(-1)
+            exp = logits.sub_(shift[:, None]).exp_()  # the logits are overwritten from here
+            sum_exp = exp.sum(dim=-1)
+            logsumexp[block] = sum_exp.log().add_(shift)
+            if ctx.grads:
+                w = token_weight[block]
+                grad_logits = exp.mul_((w * (1 + 2 * z_loss * logsumexp[block]) / sum_exp)[:, None])
+                grad_logits.scatter_add_(-1, labels[block, None], -w[:, None])
+                torch.mm(grad_logits, weight, out=grad_hidden[block])
+                if start == 0:
+                    torch.mm(grad_logits.t(), h, out=grad_weight)
+                else:
+                    grad_weight.addmm_(grad_logits.t(), h)
+        if ctx.grads:
+            ctx.save_for_backward(grad_hidden, grad_weight)
+        # The same sums, in the same order, as vocab_parallel_loss.
+        cross_entropy = ((logsumexp - target) * mask).sum() / denom
+        z_term = z_loss * (logsumexp.square() * mask).sum() / denom
+        total = cross_entropy + z_term if z_loss else cross_entropy.clone()
+        logsumexp_mean = (logsumexp * mask).sum() / denom
+        abs_max = row_abs_max.max()
+        ctx.mark_non_differentiable(cross_entropy, z_term, logsumexp_mean, abs_max)
+        return total, cross_entropy, z_term, logsumexp_mean, abs_max
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if not ctx.grads:
+            return None, None, None, None, None, None
+        # In place: a second backward through this graph (retain_graph) then fails loudly on
+        # the saved tensors' version counters instead of reusing scaled gradients.
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss), None, None, None, None
+
+
+def linear_vocab_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      loss_mask: torch.Tensor, z_loss: float) -> LossOutput:
+    """:func:`vocab_parallel_loss` of the logits ``hidden @ weight^T`` on one tensor-parallel
+    rank (``weight``: the whole output layer, [vocab, hidden]), computed block by block without
+    materialising the logits. ``hidden`` [..., hidden]; labels and mask [...]; fp32."""
+    total, cross_entropy, z_term, logsumexp_mean, abs_max = _LinearVocabLoss.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+        loss_mask.reshape(-1).float(), float(z_loss),
+        torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    return LossOutput(loss=total, cross_entropy=cross_entropy,
+                      z_loss=z_term if z_loss else torch.zeros_like(cross_entropy),
+                      logsumexp_mean=logsumexp_mean, logit_max_abs=abs_max)
+
+
+def _linear_chunk_rows(weight: torch.Tensor) -> int:
+    """Rows of logits per block in :func:`linear_vocab_loss`: about 8 MiB of fp32 logits (the
+    fastest block size at size=small on this project's CPU: small enough for the cache, large
+    enough for the output weight's gradient matmul)."""
+    return max(1, (1 << 21) // weight.shape[0])
+
+
 def _chunk_rows(logits: torch.Tensor) -> int:
     """Rows per chunk: about 1 MiB of fp32 logits on CPU (cache-sized), all rows on GPU."""
     if logits.is_cuda:
@@ -119,3 +212,13 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
         logsumexp_mean=((logsumexp.detach() * mask).sum() / denom),
         logit_max_abs=abs_max,
     )
+
+
+def language_model_loss(model: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor,
+                        loss_mask: torch.Tensor, z_loss: float) -> LossOutput:
+    """The loss of the last pipeline stage's ``output``: its logits, or its final hidden states
+    where ``model`` (that stage's chunk, a ``GPTModel``, run inside its ``hidden_output``) leaves
+    the output layer to the loss."""
+    if getattr(model, "output_in_loss", False):
+        return linear_vocab_loss(output, model.output_weight(), labels, loss_mask, z_loss)
+    return vocab_parallel_loss(output, labels, loss_mask, z_loss)
