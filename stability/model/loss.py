@@ -147,11 +147,8 @@ class _LinearVocabLoss(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.t(), h)
         if ctx.grads:
             ctx.save_for_backward(grad_hidden, grad_weight)
-        # The same sums, in the same order, as vocab_parallel_loss.
-        cross_entropy = ((logsumexp - target) * mask).sum() / denom
-        z_term = z_loss * (logsumexp.square() * mask).sum() / denom
+        cross_entropy, z_term, logsumexp_mean = _token_means(logsumexp, target, mask, z_loss)
         total = cross_entropy + z_term if z_loss else cross_entropy.clone()
-        logsumexp_mean = (logsumexp * mask).sum() / denom
         abs_max = row_abs_max.max()
         ctx.mark_non_differentiable(cross_entropy, z_term, logsumexp_mean, abs_max)
         return total, cross_entropy, z_term, logsumexp_mean, abs_max
@@ -200,18 +197,26 @@ def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
     vocab_local = logits.shape[-1]
     logsumexp, target, abs_max = _LogSumExpAndTarget.apply(
         logits.reshape(-1, vocab_local), labels.reshape(-1))
-    mask = loss_mask.reshape(-1).float()
-    denom = mask.sum().clamp(min=1.0)
-    cross_entropy = ((logsumexp - target) * mask).sum() / denom
-    z_term = z_loss * (logsumexp.square() * mask).sum() / denom
+    cross_entropy, z_term, logsumexp_mean = _token_means(
+        logsumexp, target, loss_mask.reshape(-1).float(), z_loss)
     total = cross_entropy + z_term if z_loss else cross_entropy
     return LossOutput(
         loss=total,
         cross_entropy=cross_entropy.detach(),
         z_loss=z_term.detach() if z_loss else torch.zeros_like(cross_entropy.detach()),
-        logsumexp_mean=((logsumexp.detach() * mask).sum() / denom),
+        logsumexp_mean=logsumexp_mean.detach(),
         logit_max_abs=abs_max,
     )
+
+
+def _token_means(logsumexp: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                 z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cross-entropy, z-loss, mean logsumexp) over the tokens of ``mask``: both losses sum in
+    this one order, so the fused one's values equal the other's bit for bit."""
+    denom = mask.sum().clamp(min=1.0)
+    cross_entropy = ((logsumexp - target) * mask).sum() / denom
+    z_term = z_loss * (logsumexp.square() * mask).sum() / denom
+    return cross_entropy, z_term, (logsumexp.detach() * mask).sum() / denom
 
 
 def language_model_loss(model: torch.nn.Module, output: torch.Tensor, labels: torch.Tensor,
@@ -219,6 +224,6 @@ def language_model_loss(model: torch.nn.Module, output: torch.Tensor, labels: to
     """The loss of the last pipeline stage's ``output``: its logits, or its final hidden states
     where ``model`` (that stage's chunk, a ``GPTModel``, run inside its ``hidden_output``) leaves
     the output layer to the loss."""
-    if getattr(model, "output_in_loss", False):
+    if model.output_in_loss:
         return linear_vocab_loss(output, model.output_weight(), labels, loss_mask, z_loss)
     return vocab_parallel_loss(output, labels, loss_mask, z_loss)
